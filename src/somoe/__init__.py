@@ -1,0 +1,3 @@
+"""SoME: Self-Organizing Mixture-of-Experts language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,65 @@
+"""Opening a trained run (or one of its checkpoints) for eval, generation and analysis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data import BPETokenizer
+from .models import LM, build_model
+from .train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state
+from .train.runtime import resolve_device
+
+
+@dataclass
+class LoadedRun:
+    cfg: RunConfig
+    model: LM
+    tokenizer: BPETokenizer
+    checkpoint: Path
+    run_dir: Path
+
+
+def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
+    """A step folder as given, or the last (or best) checkpoint of a run folder."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file() or path.name.startswith("step-"):
+        return path
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise CheckpointError(f"{path} has no checkpoints; train first (somoe train --out {path})")
+    if which == "best":
+        import json
+
+        best = None
+        for ckpt in checkpoints:
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            best = state.get("best_step", best)
+        match = [c for c in checkpoints if best is not None and c.name == f"step-{best:08d}"]
+        if match:
+            return match[0]
+    return checkpoints[-1]
+
+
+def load_run(path: str | Path, device: str = "auto", which: str = "last") -> LoadedRun:
+    ckpt = resolve_checkpoint(path, which)
+    check_checkpoint(ckpt)
+    cfg = load_config_from(ckpt)
+    tok_file = ckpt / "tokenizer.json"
+    if not tok_file.is_file():
+        tok_file = ckpt.parent.parent / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"no tokenizer.json next to {ckpt}; copy the run's tokenizer.json there")
+    dev = resolve_device(device)
+    model = build_model(cfg.model, dev)
+    load_model_state(ckpt, model)
+    model.eval()
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return LoadedRun(cfg, model, BPETokenizer.load(tok_file), ckpt, run_dir)
+
+
+def default_device_dtype(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,240 @@
+"""The training loop: one optimizer step = all micro-batches, then hooks, then AdamW.
+
+Batches are a pure function of (seed, step) (see ``somoe.data.batches``), the
+LR is a pure function of the step, and RNG states go into checkpoints, so a
+resumed run reproduces the uninterrupted one exactly on CPU in fp32. Under
+DDP each rank takes its rows of the same global batch and the loss is
+normalised by the global count of target tokens, so N processes follow the
+same curve as one process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, RunConfig, save_config
+from ..data import TrainBatches, eval_batches, prepare_data
+from ..eval import evaluate
+from ..models import IGNORE_INDEX, build_model
+from .callbacks import Callback, CheckpointCallback, MetricsLogger, SelfOrganizeCallback
+from .checkpoint import find_resumable, list_checkpoints, load_model_state, load_training_state
+from .dist import DistInfo, all_reduce_scalar, barrier, init_distributed
+from .optim import build_optimizer, lr_at, set_lr
+from .runtime import autocast_factory, resolve_device, resolve_precision, setup_backends
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = None,
+                 callbacks: list[Callback] | None = None, progress: bool = True, log=None):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._log = log
+        self.device = resolve_device(cfg.train.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        setup_backends(self.device, cfg.train.num_threads)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.autocast = autocast_factory(self.precision, self.device)
+        self._check_batch_split()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = self._resume_point(resume)
+
+        # rank 0 prepares (tokenizer, caches); the others then read what it wrote
+        if self.dist.is_main:
+            self.data = prepare_data(cfg, self.run_dir, log=self.log)
+        barrier()
+        if not self.dist.is_main:
+            self.data = prepare_data(cfg, self.run_dir, log=lambda *_: None)
+        if self.data.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer has {self.data.tokenizer.vocab_size} tokens > model.vocab_size")
+        self.batches = TrainBatches(self.data.train, cfg.data.mode, cfg.data.seq_len, cfg.train.seed,
+                                    self.data.tokenizer.pad_id, self.data.tokenizer.eos_id)
+        self.total_steps = cfg.train.max_steps or max(
+            1, int(cfg.train.epochs * self.batches.steps_per_epoch(cfg.train.batch_size)))
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model, self.device)
+        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        self.step, self.tokens_seen, self.best_val, self.best_step, self.elapsed = 0, 0, float("inf"), -1, 0.0
+        if resume_from is not None:
+            load_model_state(resume_from, self.model)
+            self.load_state_dict(load_training_state(resume_from, self.optimizer))
+            self.log(f"resumed from {resume_from} at step {self.step}")
+
+        self.forward_model = self._wrap(self.model)
+        self.callbacks: list[Callback] = [SelfOrganizeCallback(), MetricsLogger(self.run_dir, progress),
+                                          CheckpointCallback(cfg.train.ckpt_every, cfg.train.keep_last)]
+        self.callbacks += list(callbacks or [])
+        self._stop_signal: str | None = None
+        if self.dist.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "params.json").write_text(json.dumps(self.model.param_counts()), encoding="utf-8")
+
+    # --- setup helpers --------------------------------------------------------------
+    def log(self, message: str) -> None:
+        if not self.dist.is_main:
+            return
+        (self._log or tqdm.write)(message)
+
+    def _check_batch_split(self) -> None:
+        t = self.cfg.train
+        if t.batch_size % (t.grad_accum * self.dist.world_size):
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} must divide evenly into grad_accum={t.grad_accum} x "
+                f"{self.dist.world_size} processes; change batch_size or grad_accum")
+        self.micro_batch = t.batch_size // (t.grad_accum * self.dist.world_size)
+
+    def _resume_point(self, resume: str | None) -> Path | None:
+        if resume in (None, "", "never"):
+            if list_checkpoints(self.run_dir):
+                raise ConfigError(f"run folder {self.run_dir} already has checkpoints; pass --resume auto to "
+                                  f"continue it or choose another --out")
+            return None
+        if resume == "auto":
+            found = find_resumable(self.run_dir, log=self.log)
+            if found is None:
+                self.log(f"no checkpoint in {self.run_dir}: starting fresh")
+            return found
+        return Path(resume)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        wrapped = torch.compile(model) if self.cfg.train.compile else model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # buffers are not broadcast: frozen experts are regenerated identically on every rank
+            # and SoME keys stay identical through the all-reduced self-organization
+            wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=False)
+        return wrapped
+
+    # --- state for checkpoints ----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
+                "best_step": self.best_step, "elapsed": self.elapsed, "total_steps": self.total_steps,
+                "world_size": self.dist.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val, self.best_step = state["best_val"], state.get("best_step", -1)
+        self.elapsed = state.get("elapsed", 0.0)
+
+    # --- the loop ------------------------------------------------------------------------
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        rank_rows = self.micro_batch * self.cfg.train.grad_accum
+        start = self.dist.rank * rank_rows
+        return [self.batches.batch(self.step, self.cfg.train.batch_size, start + m * self.micro_batch,
+                                   self.micro_batch) for m in range(self.cfg.train.grad_accum)]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over all micro-batches; returns the step's metrics."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.model.set_progress(self.step, self.total_steps)
+        lr = lr_at(self.step, self.total_steps, self.cfg.train)
+        set_lr(self.optimizer, lr)
+        micro = self._micro_batches()
+        local_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        global_targets = all_reduce_scalar(float(local_targets), self.device)
+        # DDP averages gradients over ranks, so scale each rank's summed loss by world/global count
+        scale = self.dist.world_size / max(global_targets, 1.0)
+        loss_sum, aux_sum = 0.0, 0.0
+        for m, (x, y) in enumerate(micro):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = m == len(micro) - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self.forward_model.no_sync()
+            with ctx:
+                with self.autocast():
+                    out = self.forward_model(x, y)
+                n = int((y != IGNORE_INDEX).sum())
+                loss = out.ce_loss * (n * scale)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss / len(micro)
+                    aux_sum += out.aux_loss.item() / len(micro)
+                self.scaler.scale(loss).backward()
+            loss_sum += out.ce_loss.item() * n
+        for cb in self.callbacks:
+            cb.pre_optim_step(self)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_global = all_reduce_scalar(loss_sum, self.device) / max(global_targets, 1.0)
+        self.step += 1
+        self.tokens_seen += int(global_targets)
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        tokens_in = self.cfg.train.batch_size * self.cfg.data.seq_len
+        metrics = {"step": self.step, "tokens": self.tokens_seen, "loss": loss_global, "lr": lr,
+                   "grad_norm": float(grad_norm), "tok_per_s": tokens_in / max(dt, 1e-9),
+                   "elapsed": self.elapsed}
+        if aux_sum:
+            metrics["aux_loss"] = aux_sum
+        return metrics
+
+    def run_eval(self) -> dict[str, Any]:
+        t = self.cfg.train
+        windows = eval_batches(self.data.val, self.cfg.data.seq_len, t.eval_batch_size or self.micro_batch,
+                               t.eval_batches)
+        result = evaluate(self.model, windows, self.data.tokenizer.token_byte_lengths(), self.device,
+                          self.autocast, rank=self.dist.rank, world_size=self.dist.world_size)
+        metrics = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed,
+                   "val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb,
+                   "val_tokens": result.tokens, "val_bytes": result.bytes, **result.readouts}
+        if result.loss < self.best_val:
+            self.best_val, self.best_step = result.loss, self.step
+        for cb in self.callbacks:
+            cb.on_eval(self, metrics)
+        return metrics
+
+    def middle_layer_readout(self, metrics: dict[str, Any]) -> dict[str, float]:
+        """Readouts of the middle layer (seed 000 reports that one), if the FFN has any."""
+        prefix = f"layer{self.cfg.model.n_layers // 2}/"
+        mid = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+        return mid if "usage_gini" in mid else {}
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_steps`` (or the time limit / a signal); returns the last eval metrics."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        t = self.cfg.train
+        last_eval: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            while self.step < self.total_steps and self._stop_signal is None:
+                metrics = self.train_step()
+                for cb in self.callbacks:
+                    cb.on_step_end(self, metrics)
+                out_of_time = t.max_minutes > 0 and time.perf_counter() - start > 60 * t.max_minutes
+                if self.step == self.total_steps or out_of_time:
+                    break
+                if t.eval_every > 0 and self.step % t.eval_every == 0:
+                    last_eval = self.run_eval()
+            if self._stop_signal is None:
+                last_eval = self.run_eval()
+            else:
+                self.log(f"{self._stop_signal} received: saving a checkpoint at step {self.step} and stopping")
+        finally:
+            for cb in self.callbacks:
+                cb.on_train_end(self, interrupted=self._stop_signal is not None)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return last_eval
