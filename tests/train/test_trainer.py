@@ -46,7 +46,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, data_cache):
 
 
 def test_padded_mode_trains_and_ignores_pad(tmp_path, data_cache):
-    cfg = tiny_config(data_cache, "data.mode=padded", "train.max_steps=2")
+    cfg = tiny_config(data_cache, "data.mode=padded", "train.max_steps=2", "model.max_seq_len=512", "data.seq_len=512")
     trainer = quiet(cfg, tmp_path / "p")
     metrics = trainer.train_step()
     x, y = trainer.batches.batch(1, cfg.train.batch_size, 0, cfg.train.batch_size)

@@ -188,8 +188,10 @@ class Trainer:
 
     def run_eval(self) -> dict[str, Any]:
         t = self.cfg.train
-        windows = eval_batches(self.data.val, self.cfg.data.seq_len, t.eval_batch_size or self.micro_batch,
-                               t.eval_batches)
+        # the eval batch does not depend on the number of processes, so every world size sees the same windows
+        batch = t.eval_batch_size or t.batch_size // t.grad_accum
+        windows = eval_batches(self.data.val, self.cfg.data.seq_len, batch, t.eval_batches,
+                               pad_id=self.data.tokenizer.pad_id)
         result = evaluate(self.model, windows, self.data.tokenizer.token_byte_lengths(), self.device,
                           self.autocast, rank=self.dist.rank, world_size=self.dist.world_size)
         metrics = {"step": self.step, "tokens": self.tokens_seen, "elapsed": self.elapsed,
