@@ -21,14 +21,14 @@ def evaluate_run(run: str | Path, data: str | None = None, adapt: bool = False, 
     else:
         cfg.data.tokenizer_path = str(loaded.checkpoint / "tokenizer.json") \
             if (loaded.checkpoint / "tokenizer.json").is_file() else str(loaded.run_dir / "tokenizer.json")
-        stream = prepare_data(cfg, None, log=lambda *_: None).val
+        stream = prepare_data(cfg, None, log=lambda *_: None, need_train=False).val
     model = loaded.model
     dev = next(model.parameters()).device
     precision = resolve_precision(cfg.train.precision, dev)
     if adapt:
         for layer in model.self_organizing_layers():
             layer.cfg.adapt_at_inference = True
-    windows = eval_batches(stream, cfg.data.seq_len, batch_size, max_batches)
+    windows = eval_batches(stream, cfg.data.seq_len, batch_size, max_batches, pad_id=loaded.tokenizer.pad_id)
     result = evaluate(model, windows, loaded.tokenizer.token_byte_lengths(), dev,
                       autocast_factory(precision, dev), adapt=adapt)
     out = result.as_dict()

@@ -31,7 +31,7 @@ TOKENIZER_RECIPE = 1  # bump when BPETokenizer.train changes, so cached tokenize
 @dataclass
 class PreparedData:
     tokenizer: BPETokenizer
-    train: TokenStream
+    train: TokenStream | None  # None when only the validation split was asked for
     val: TokenStream
     tokenizer_path: Path
 
@@ -110,7 +110,8 @@ def _stream(cfg: RunConfig, split: str, tokenizer: BPETokenizer, root: Path, tra
     return stream
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path | None, log: Callable[..., None] = print) -> PreparedData:
+def prepare_data(cfg: RunConfig, run_dir: Path | None, log: Callable[..., None] = print,
+                 need_train: bool = True) -> PreparedData:
     """Resolve the tokenizer and the cached train/val token streams of ``cfg``.
 
     Tokenizer: ``data.tokenizer_path`` if set; else ``run_dir/tokenizer.json``
@@ -119,6 +120,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path | None, log: Callable[..., None] 
     ``data.tokenizer_train_stories`` training stories when absent. It is
     copied to ``run_dir/tokenizer.json`` whenever ``run_dir`` is given.
     Streams are built once per (source, tokenizer, split) and reused.
+    ``need_train=False`` (evaluation) skips the training stream, so an eval
+    never downloads or tokenizes training stories.
     """
     root = cache_root(cfg.data)
     train = _TrainStories(cfg.data)
@@ -135,7 +138,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path | None, log: Callable[..., None] 
             _atomic_save(tokenizer, target)  # atomic: other ranks may be reading it
         tok_path = target
     return PreparedData(tokenizer=tokenizer,
-                        train=_stream(cfg, "train", tokenizer, root, train, log),
+                        train=_stream(cfg, "train", tokenizer, root, train, log) if need_train else None,
                         val=_stream(cfg, "val", tokenizer, root, train, log),
                         tokenizer_path=tok_path)
 
