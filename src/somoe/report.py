@@ -132,3 +132,27 @@ def plot_metrics(run_dir: Path) -> Path | None:
 def write_report(run_dir: Path) -> str:
     plot_metrics(run_dir)
     return write_summary(run_dir)
+
+
+def comparison_table(run_dirs: list[Path]) -> str:
+    """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing)."""
+    header = ("run", "ffn", "val loss", "ppl", "bpb", "trainable", "total", "tokens", "tok/s", "mid gini",
+              "mid H bits")
+    rows = [header]
+    for run in run_dirs:
+        s = summarize_run(run)
+        rows.append((
+            s["name"], s["ffn"], _fmt(s["best_val_loss"]), _fmt(s["best_val_ppl"], ".3f"),
+            _fmt(s["best_val_bpb"]), _millions(s["params_trainable"]), _millions(s["params_total"]),
+            _millions(s["tokens_seen"]), _fmt(s["tokens_per_s"], ",.0f"),
+            _fmt(s["middle_gini"][-1], ".3f") if s["middle_gini"] else "-",
+            _fmt(s["middle_entropy_bits"][-1], ".3f") if s["middle_entropy_bits"] else "-",
+        ))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _millions(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 1e6:.2f}M"

@@ -27,7 +27,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True  # share token embedding and output head
     bias: bool = True  # linear/norm biases (gpt2 backbone; smollm has none)
-    dropout: float = 0.0
+    dropout: float = 0.0  # residual/embedding dropout
+    attn_dropout: float = 0.0  # attention-probability dropout (forces SDPA's slower math kernel on CPU)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     ffn: str = "dense"  # FFN variant by registry name: dense | moe | some
@@ -64,8 +65,9 @@ class ModelConfig:
             raise ConfigError("model.backbone=smollm uses RoPE; set model.positions=rope")
         if self.backbone == "smollm" and self.activation != "swiglu":
             raise ConfigError("model.backbone=smollm uses SwiGLU; set model.activation=swiglu")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass

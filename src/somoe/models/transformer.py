@@ -31,6 +31,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
         self.proj.is_residual_projection = True
         self.dropout = cfg.dropout
+        self.attn_dropout = cfg.attn_dropout
 
     def forward(self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
@@ -41,7 +42,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+                q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
         else:
             mask = cache.attention_mask(T)
             k, v = cache.update(self.layer_idx, k, v)
