@@ -78,6 +78,7 @@ class Trainer:
                                           CheckpointCallback(cfg.train.ckpt_every, cfg.train.keep_last)]
         self.callbacks += list(callbacks or [])
         self._stop_signal: str | None = None
+        self.extra_final_metrics: dict[str, float] = {}  # callbacks' end-of-run figures, in metrics.jsonl
         if self.dist.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "params.json").write_text(json.dumps(self.model.param_counts()), encoding="utf-8")
@@ -237,6 +238,9 @@ class Trainer:
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self, interrupted=self._stop_signal is not None)
+            if self.extra_final_metrics and self.dist.is_main:
+                with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps({"kind": "final", "step": self.step, **self.extra_final_metrics}) + "\n")
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return last_eval

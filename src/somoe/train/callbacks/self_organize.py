@@ -2,10 +2,15 @@
 
 Runs after every micro-batch's backward (so gradient accumulation counts all
 of them once) and SUM-all-reduces the statistics across data-parallel ranks
-first, so every rank applies the same update and keys stay identical.
+first, so every rank applies the same update and keys stay identical. At the
+end of training it checks that claim: the largest difference of any
+self-organized buffer between ranks is logged as ``som_rank_divergence``.
 """
 
 from __future__ import annotations
+
+import torch
+import torch.distributed as dist
 
 from ..dist import all_reduce_sum_
 from .base import Callback
@@ -19,3 +24,18 @@ class SelfOrganizeCallback(Callback):
         all_reduce_sum_([t for layer in layers for t in layer.som_statistics()])
         for layer in layers:
             layer.self_organize(trainer.step, trainer.total_steps)
+
+    def on_train_end(self, trainer, interrupted: bool) -> None:
+        layers = trainer.model.self_organizing_layers()
+        if not layers or not trainer.dist.enabled:
+            return
+        # keys, usage and friends; frozen experts are skipped (regenerated from a seed, checked by hash)
+        state = torch.cat([b.detach().double().reshape(-1) for layer in layers
+                           for name, b in layer.named_buffers()
+                           if b.is_floating_point() and not name.startswith("expert_")])
+        high, low = state.clone(), state.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        divergence = (high - low).abs().max().item()
+        trainer.log(f"self-organized state across {trainer.dist.world_size} ranks: max difference {divergence:.3g}")
+        trainer.extra_final_metrics["som_rank_divergence"] = divergence
