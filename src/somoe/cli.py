@@ -63,15 +63,19 @@ def cmd_train(args) -> int:
     if args.dry_run:
         return cmd_params(argparse.Namespace(**{**vars(args), "json": False}))
     from .report import write_report
+    from .train.dist import cleanup
     from .train.trainer import Trainer
 
     run_dir = _run_dir(args, cfg)
     trainer = Trainer(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     trainer.log(f"run folder {run_dir} | device {trainer.device} | precision {trainer.precision} | "
                 f"{trainer.total_steps} steps | params {trainer.model.param_counts()}")
-    trainer.fit()
-    if trainer.dist.is_main:
-        print(write_report(run_dir), end="")
+    try:
+        trainer.fit()
+        if trainer.dist.is_main:
+            print(write_report(run_dir), end="")
+    finally:
+        cleanup()  # leave the process group before exit: an abandoned gloo group can abort at shutdown
     return 0
 
 
@@ -171,10 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("quickstart", help="the main job: train the quickstart preset offline, eval, sample")
+    p = sub.add_parser("quickstart", help="the main job: SoME vs its GPT-2 baseline in miniature (seed 000)")
     p.add_argument("--data", help="a folder with TinyStories train.txt and dev.txt (or valid.txt) instead of "
                                   "the built-in corpus")
-    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--presets", help="comma-separated presets to train and compare (default cpu_gpt2,cpu_some)")
+    p.add_argument("--out", default="runs/main")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -1,10 +1,19 @@
-"""The main job: train the quickstart preset (offline by default), evaluate, and sample."""
+"""The main job: seed 000 in miniature, SoME against its GPT-2 baseline.
+
+Trains each preset in turn on the same data and token budget (offline on the
+built-in corpus by default, TinyStories files with ``--data DIR``), then prints
+a side-by-side table and a sample from each model. Re-running resumes or skips
+finished runs, so an interrupted main job loses nothing.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import ConfigError, load_config
+
+MAIN_JOB_PRESETS = ("cpu_gpt2", "cpu_some")
+SAMPLE_PROMPT = "Once upon a time"
 
 
 def data_overrides(folder: str | None) -> list[str]:
@@ -13,37 +22,46 @@ def data_overrides(folder: str | None) -> list[str]:
         return []
     root = Path(folder)
     train = root / "train.txt"
-    val = next((root / n for n in ("dev.txt", "valid.txt", "validation.txt", "val.txt") if (root / n).is_file()),
-               None)
     if not train.is_file():
         raise ConfigError(f"{root} has no train.txt; point --data at a folder with TinyStories train.txt/dev.txt")
+    val = next((root / n for n in ("dev.txt", "valid.txt", "validation.txt", "val.txt") if (root / n).is_file()),
+               None)
     out = [f"data.train_path={train.resolve()}"]
     if val is not None:
         out.append(f"data.val_path={val.resolve()}")
     return out
 
 
-def run_quickstart(args) -> int:
-    from .eval import evaluate
-    from .generate import GenerationConfig, generate_text
+def train_preset(preset: str, run_dir: Path, overrides: list[str]):
     from .report import write_report
-    from .data import eval_batches
     from .train.trainer import Trainer
 
-    cfg = load_config(preset="quickstart", overrides=data_overrides(args.data) + list(args.overrides))
-    run_dir = Path(args.out)
+    cfg = load_config(preset=preset, overrides=overrides)
     trainer = Trainer(cfg, run_dir, resume="auto")
-    trainer.log(f"quickstart: {trainer.total_steps} steps on {cfg.data.source if not args.data else args.data} "
-                f"| device {trainer.device} | precision {trainer.precision} | run folder {run_dir}")
+    counts = trainer.model.param_counts()
+    trainer.log(f"== {preset}: {trainer.total_steps} steps | {counts['trainable'] / 1e6:.2f}M trainable of "
+                f"{counts['total'] / 1e6:.2f}M | device {trainer.device} | precision {trainer.precision} | "
+                f"{run_dir}")
     trainer.fit()
     print(write_report(run_dir), end="")
-    windows = eval_batches(trainer.data.val, cfg.data.seq_len, 16)
-    result = evaluate(trainer.model, windows, trainer.data.tokenizer.token_byte_lengths(), trainer.device,
-                      trainer.autocast)
-    print(f"full validation set: loss {result.loss:.4f} | ppl {result.ppl:.3f} | bpb {result.bpb:.4f} "
-          f"({result.tokens:,} tokens)")
-    gen = GenerationConfig(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=0)
-    for prompt in ("Once upon a time", "Tom and his dog"):
-        text = generate_text(trainer.model, trainer.data.tokenizer, [prompt], gen)[0]
-        print(f"\n--- sample ---\n{prompt}{text}")
+    return trainer
+
+
+def run_quickstart(args) -> int:
+    from .generate import GenerationConfig, generate_text
+    from .report import comparison_table
+
+    presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
+    overrides = data_overrides(args.data) + list(args.overrides)
+    out = Path(args.out)
+    source = args.data or "the built-in corpus (offline; real results need TinyStories: --data DIR)"
+    print(f"main job: {' vs '.join(presets)} on {source}")
+    samples = {}
+    for preset in presets:
+        trainer = train_preset(preset, out / preset, overrides)
+        gen = GenerationConfig(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=0)
+        samples[preset] = generate_text(trainer.model, trainer.data.tokenizer, [SAMPLE_PROMPT], gen)[0]
+    print("\n" + comparison_table([out / p for p in presets]))
+    for preset, text in samples.items():
+        print(f"\n--- {preset} sample ---\n{SAMPLE_PROMPT}{text}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,7 +19,7 @@ class SoMEConfig:
     # --- frozen experts ------------------------------------------------------
     init_method: Literal["sparse", "normal", "orthogonal"] = "sparse"
     sparsity: float = 0.9  # fraction of exact zeros per column for init_method=sparse
-    expert_seed: int = 1234  # experts are a pure function of (seed, method, shapes)
+    expert_seed: int = 1234  # layer i draws its experts from a CPU generator seeded expert_seed + i
     expert_dtype: Literal["fp32", "bf16"] = "fp32"  # storage/compute dtype of the frozen experts
     save_experts: Literal["seed", "weights"] = "seed"  # checkpoints store the seed (+hash) or the weights
     lora_rank: int = 0  # LoRA adapters on experts (0 = off)
@@ -26,10 +27,10 @@ class SoMEConfig:
     # --- router --------------------------------------------------------------
     query_net: Literal["linear", "mlp"] = "linear"
     query_hidden: int = 0  # hidden width of the mlp query net; 0 = d_model
-    score: Literal["dot", "cosine"] = "dot"  # cosine is implied by key_norm
+    score: Literal["dot", "cosine"] = "dot"  # dot: q.K/sqrt(d); cosine (also implied by key_norm): unit q, unit K
     router_temperature_train: float = 1.0
     router_temperature_eval: float = 0.5
-    learnable_tau: bool = False
+    learnable_tau: bool = False  # a learnable log_tau multiplies both temperatures by exp(log_tau)
     topk_warmup: float = 0.0  # fraction of training with k=1, then linear ramp to top_k
     topk_ramp: float = 0.0  # fraction of training spent ramping from 1 to top_k after the warmup
     aux_loss_coef: float = 0.0  # Switch-style balance loss E*sum(f*P); off by default
@@ -44,22 +45,22 @@ class SoMEConfig:
     beta: float = 0.001
     beta_final: float = -1.0  # -1 = no annealing; else beta anneals to this value
     beta_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    usage_ema: bool = True
+    usage_ema: bool = True  # off: usage is the last step's routed share alone
     ema_decay: float = 0.995
     decay: bool = True
     delta: float = 0.001
-    theta: float = 0.0  # absolute threshold in routed slots per step (the MVP runs: 200); 0 = use percentile
-    theta_percentile: float = 0.05  # bottom fraction of experts by usage counted dormant
+    theta: float = 0.0  # dormant if usage_ema * (slots routed this step) < theta (MVP runs: 200); 0 = percentile
+    theta_percentile: float = 0.05  # else the floor(p*E) least-used experts (strictly below the next) are dormant
     # --- stability controls ----------------------------------------------------
     key_norm: bool = True  # L2-normalise keys after every update (cosine scoring)
     delta_clip: float = 0.0  # cap on ||dk_e|| per update; 0 = off
     key_ema: float = 0.0  # route with an EMA of the keys with this decay; 0 = off
     som_warmup_steps: int = 0  # rates ramp linearly from 0 over these steps
     entropy_band: tuple[float, float] = (0.0, 0.0)  # target gate-entropy band in nats; (0,0) = off
-    entropy_band_rate: float = 0.01
-    update_every: int = 1  # apply the rules every N optimizer steps
-    update_token_fraction: float = 1.0  # subsample tokens for the statistics
-    adapt_at_inference: bool = False  # let eval move keys (ablation C)
+    entropy_band_rate: float = 0.01  # log_tau step per update when the mean gate entropy leaves the band
+    update_every: int = 1  # statistics and rules only on optimizer steps divisible by N (speed)
+    update_token_fraction: float = 1.0  # statistics from this random fraction of tokens (speed)
+    adapt_at_inference: bool = False  # eval forwards gather statistics too; the evaluator applies them (ablation C)
 
     def validate(self) -> None:
         if self.num_experts <= 0 or self.top_k <= 0 or self.d_ffn <= 0:
@@ -79,3 +80,40 @@ class SoMEConfig:
             raise ConfigError("model.some.update_every must be >= 1")
         if self.router_temperature_train <= 0 or self.router_temperature_eval <= 0:
             raise ConfigError("router temperatures must be positive")
+        self._validate_rules()
+
+    def _validate_rules(self) -> None:
+        for name in ("alpha", "alpha_floor", "gamma", "beta", "delta", "delta_clip", "theta", "lora_rank",
+                     "aux_loss_coef", "entropy_band_rate", "som_warmup_steps", "query_hidden"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.some.{name}={getattr(self, name)} must be >= 0")
+        for name in ("alpha", "gamma", "delta"):
+            if getattr(self, name) > 1:
+                raise ConfigError(f"model.some.{name}={getattr(self, name)} must be <= 1 (a step toward a target)")
+        if self.attraction and self.alpha_schedule == "cosine" and self.alpha_floor > self.alpha:
+            raise ConfigError(f"model.some.alpha_floor={self.alpha_floor} exceeds alpha={self.alpha}; "
+                              f"lower alpha_floor or use alpha_schedule=constant")
+        if not 0.0 <= self.theta_percentile < 1.0:
+            raise ConfigError(f"model.some.theta_percentile={self.theta_percentile} must be in [0, 1)")
+        if not 0.0 <= self.key_ema < 1.0:
+            raise ConfigError(f"model.some.key_ema={self.key_ema} must be in [0, 1) (0 = off)")
+        if self.topk_warmup < 0 or self.topk_ramp < 0 or self.topk_warmup + self.topk_ramp > 1:
+            raise ConfigError("model.some.topk_warmup and topk_ramp must be >= 0 and sum to at most 1")
+        low, high = self.entropy_band
+        if (low, high) != (0.0, 0.0):
+            if not 0 <= low < high:
+                raise ConfigError(f"model.some.entropy_band={list(self.entropy_band)} needs 0 <= low < high")
+            if low >= math.log(self.top_k):
+                raise ConfigError(f"model.some.entropy_band low={low} is unreachable: top_k={self.top_k} gates "
+                                  f"have at most ln(top_k)={math.log(self.top_k):.3f} nats")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise ConfigError(f"model.some.lora_alpha={self.lora_alpha} must be positive when lora_rank > 0")
+
+    @property
+    def entropy_band_on(self) -> bool:
+        return tuple(self.entropy_band) != (0.0, 0.0)
+
+    @property
+    def cosine_scores(self) -> bool:
+        """Cosine routing scores: asked for, or implied by L2-normalised keys."""
+        return self.score == "cosine" or self.key_norm

@@ -1,0 +1,410 @@
+"""The SoME layer: frozen experts, a trained query network, self-organizing keys.
+
+Specification: docs/some-layer.md. Forward (section 2)::
+
+    q = Q(x); s = score(q, K) / tau; I, sI = topk(s, k_t); g = softmax(sI)
+    y = sum_j g_j * Expert_{I_j}(x)        # dropless, models/dispatch.py
+
+Keys ``key_store`` never get gradients. Training forwards (not activation-
+checkpoint recomputes) only *accumulate* statistics; ``self_organize`` applies
+the rules of ``some_rules`` once per optimizer step, after the trainer has
+SUM-all-reduced ``som_statistics()`` across ranks, then clears them.
+
+Seeds (all on the CPU, never the global RNG, so every rank agrees without a
+broadcast): experts from ``expert_seed + layer_idx`` (see ``some_experts``),
+initial keys from ``expert_seed + layer_idx + KEY_SEED_OFFSET``, the token
+subsample of ``update_token_fraction`` from ``... + SAMPLE_SEED_OFFSET``
+(a stream restarted at construction; which tokens feed the statistics is not
+part of a checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...analysis.usage import entropy_bits, gini
+from ...config import ModelConfig
+from ..dispatch import LoRA, compute_dtype, dispatch, grouped_mlp
+from . import some_rules as rules
+from .base import FFN, in_recompute
+from .registry import register_ffn
+from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
+
+KEY_SEED_OFFSET = 1_000_003
+SAMPLE_SEED_OFFSET = 2_000_003
+LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
+STATISTICS = ("stat_q_sum", "stat_gate", "stat_count", "stat_peer_sum", "stat_peer_mass",
+              "stat_q_total", "stat_tokens", "stat_gate_entropy")
+
+
+@dataclass
+class Rates:
+    alpha: float
+    gamma: float
+    beta: float
+    delta: float
+
+
+def build_query_net(cfg, d_model: int) -> nn.Module:
+    """``linear``: d->d with bias (what the seeds' parameter counts imply); ``mlp``: d->h->d, GELU."""
+    if cfg.query_net == "linear":
+        return nn.Linear(d_model, d_model, bias=True)
+    hidden = cfg.query_hidden or d_model
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+
+
+@register_ffn("some")
+class SoMELayer(FFN):
+    """Self-organizing mixture of frozen experts (``model.ffn: some``, settings in ``model.some``)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.cfg = c = cfg.some  # the evaluator flips cfg.adapt_at_inference on this object
+        self.layer_idx, self.d_model = layer_idx, cfg.d_model
+        E, D = c.num_experts, cfg.d_model
+        self.query = build_query_net(c, D)
+        if c.learnable_tau:
+            self.log_tau = nn.Parameter(torch.zeros(()))
+        elif c.entropy_band_on:  # the entropy-band controller alone moves it
+            self.register_buffer("log_tau", torch.zeros(()))
+        else:
+            self.log_tau = None
+        self._register_state(E, D)
+        self._register_experts(E, D)
+        self._register_lora(E, D)
+        self._step, self._total_steps = 0, 0
+        self._readout_acc: dict[str, torch.Tensor] | None = None
+        self._experts_ready = False
+        self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
+        self.register_load_state_dict_pre_hook(self._check_expert_hash)
+        self.init_weights()
+
+    # --- construction --------------------------------------------------------------------
+    def _register_state(self, E: int, D: int) -> None:
+        self.register_buffer("key_store", torch.empty(E, D))
+        self.register_buffer("usage_ema", torch.empty(E))
+        self.register_buffer("query_mean_ema", torch.empty(D))  # decay target of dormant keys
+        self.register_buffer("dormant_streak", torch.empty(E, dtype=torch.int64))  # updates dormant in a row
+        self.register_buffer("key_drift", torch.empty(()))  # mean ||dk_e|| of the last update
+        self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
+        if self.cfg.key_ema > 0:
+            self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
+        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), ()]):
+            self.register_buffer(name, torch.empty(shape), persistent=False)
+
+    def _register_experts(self, E: int, D: int) -> None:
+        c = self.cfg
+        dtype, keep = DTYPES[c.expert_dtype], c.save_experts == "weights"
+        shapes = {"w1": (E, D, c.d_ffn), "w2": (E, c.d_ffn, D)}
+        if c.expert_bias:
+            shapes.update(b1=(E, c.d_ffn), b2=(E, D))
+        for name, shape in shapes.items():
+            self.register_buffer(f"expert_{name}", torch.empty(shape, dtype=dtype), persistent=keep)
+        for name in ("b1", "b2"):
+            if not c.expert_bias:
+                setattr(self, f"expert_{name}", None)
+        self.register_buffer("expert_hash", torch.zeros(1, dtype=torch.int64))
+
+    def _register_lora(self, E: int, D: int) -> None:
+        r, F_ = self.cfg.lora_rank, self.cfg.d_ffn
+        self.lora_a1 = self.lora_b1 = self.lora_a2 = self.lora_b2 = None
+        if r > 0:
+            self.lora_a1, self.lora_b1 = nn.Parameter(torch.empty(E, D, r)), nn.Parameter(torch.empty(E, r, F_))
+            self.lora_a2, self.lora_b2 = nn.Parameter(torch.empty(E, F_, r)), nn.Parameter(torch.empty(E, r, D))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Keys, usage, LoRA; experts are generated once (the LM calls this again after its own init)."""
+        if self.key_store.is_meta:
+            return
+        c, E = self.cfg, self.cfg.num_experts
+        gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + self.layer_idx + KEY_SEED_OFFSET)
+        keys_ED = F.normalize(torch.randn(self.key_store.shape, generator=gen, device="cpu"), dim=1)
+        self.key_store.copy_(keys_ED)
+        if c.key_ema > 0:
+            self.key_route.copy_(keys_ED)
+        self.usage_ema.fill_(1.0 / E)
+        for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
+            getattr(self, name).zero_()
+        if self.log_tau is not None:
+            self.log_tau.zero_()
+        if self.lora_a1 is not None:  # A small random, B zero: the adapters start as a no-op
+            nn.init.normal_(self.lora_a1, std=1.0 / math.sqrt(self.d_model))
+            nn.init.normal_(self.lora_a2, std=1.0 / math.sqrt(c.d_ffn))
+            nn.init.zeros_(self.lora_b1)
+            nn.init.zeros_(self.lora_b2)
+        self._clear_statistics()
+        if not self._experts_ready:
+            self._generate_experts()
+
+    def _recipe(self) -> str:
+        c = self.cfg
+        return recipe(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
+                      c.expert_seed + self.layer_idx, c.expert_bias, c.expert_dtype)
+
+    def _generate_experts(self) -> None:
+        c = self.cfg
+        tensors = generate_experts(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
+                                   c.expert_seed + self.layer_idx, c.expert_bias, DTYPES[c.expert_dtype])
+        self.expert_hash.fill_(experts_digest(tensors, self._recipe()))
+        for name, t in tensors.items():
+            getattr(self, f"expert_{name}").copy_(t)
+        self._experts_ready = True
+
+    def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
+        """Refuse a seed-only checkpoint whose experts would regenerate differently."""
+        saved = state_dict.get(prefix + "expert_hash")
+        if self.cfg.save_experts != "seed" or saved is None or self.expert_hash.is_meta:
+            return  # weights travel with the checkpoint, or strict loading reports the missing key
+        saved, now = int(saved.flatten()[0]), int(self.expert_hash[0])
+        if saved != now:
+            raise ExpertHashMismatch(
+                f"SoME layer {self.layer_idx}: frozen experts regenerated from [{self._recipe()}] hash to {now}, "
+                f"the checkpoint expects {saved}; use the run's expert_seed/init_method/sparsity/shapes/"
+                f"expert_dtype and torch generator, or train with model.some.save_experts=weights")
+
+    def frozen_param_count(self) -> int:
+        """Frozen expert elements (buffers, so ``LM.param_counts`` adds them to the total)."""
+        c = self.cfg
+        per_expert = 2 * self.d_model * c.d_ffn + ((c.d_ffn + self.d_model) if c.expert_bias else 0)
+        return c.num_experts * per_expert
+
+    # --- routing -------------------------------------------------------------------------
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self._step, self._total_steps = step, total_steps
+
+    @property
+    def top_k_now(self) -> int:
+        return rules.top_k_at(self.cfg, self._step, self._total_steps)
+
+    def temperature(self) -> torch.Tensor | float:
+        base = self.cfg.router_temperature_train if self.training else self.cfg.router_temperature_eval
+        return base if self.log_tau is None else base * self.log_tau.exp()
+
+    def routing_keys(self) -> torch.Tensor:
+        return self.key_route if self.cfg.key_ema > 0 else self.key_store
+
+    def _scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores_TE / tau, the query each score used: unit-norm when cosine)."""
+        q_TD = self.query(x_TD)
+        keys_ED = self.routing_keys()
+        if self.cfg.cosine_scores:
+            q_TD = F.normalize(q_TD, dim=-1)
+            scores_TE = q_TD @ F.normalize(keys_ED, dim=-1).t().to(q_TD.dtype)
+        else:
+            scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
+        return scores_TE / self.temperature(), q_TD
+
+    def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_TK, idx_TK = scores_TE.topk(self.top_k_now, dim=-1)
+        return idx_TK, torch.softmax(top_TK.float(), dim=-1)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert indices and gates (``x.shape[:-1] + (k_t,)``) under the current mode's temperature."""
+        scores_TE, _ = self._scores(x.reshape(-1, self.d_model))
+        idx_TK, gates_TK = self._select(scores_TE)
+        return idx_TK.view(*x.shape[:-1], -1), gates_TK.view(*x.shape[:-1], -1)
+
+    # --- forward -------------------------------------------------------------------------
+    def _lora(self) -> LoRA | None:
+        if self.lora_a1 is None:
+            return None
+        return LoRA(self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2, self.cfg.lora_alpha / self.cfg.lora_rank)
+
+    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
+                           lora=self._lora())
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_TD = x_BTD.reshape(-1, self.d_model)
+        scores_TE, q_TD = self._scores(x_TD)
+        idx_TK, gates_TK = self._select(scores_TE)
+        y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
+                        compute_dtype(x_TD, self.expert_w1.dtype))
+        aux = self._aux_loss(scores_TE, idx_TK) if self.training and self.cfg.aux_loss_coef > 0 else None
+        if not in_recompute():  # a checkpoint recompute has been counted by the first forward
+            self._record_readouts(idx_TK, gates_TK)
+            if self._gathering():
+                self._accumulate(q_TD, idx_TK, gates_TK)
+        return y_TD.view_as(x_BTD), aux
+
+    def _aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+        """Switch-style ``coef * E * sum_e f_e P_e`` (f: routed slot share, P: mean router probability)."""
+        E = self.cfg.num_experts
+        f_E = torch.bincount(idx_TK.flatten(), minlength=E).float() / idx_TK.numel()
+        P_E = torch.softmax(scores_TE.float(), dim=-1).mean(0)
+        return self.cfg.aux_loss_coef * E * (f_E * P_E).sum()
+
+    # --- statistics (section 3) ----------------------------------------------------------
+    def _gathering(self) -> bool:
+        if self.training:
+            return self._step % self.cfg.update_every == 0  # other steps skip the work entirely
+        return self.cfg.adapt_at_inference
+
+    @torch.no_grad()
+    def _accumulate(self, q_TD: torch.Tensor, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
+        with torch.autocast(q_TD.device.type, enabled=False):  # fp32 sums even inside a bf16 forward
+            self._accumulate_fp32(q_TD.detach().float(), idx_TK, gates_TK.detach().float())
+
+    def _accumulate_fp32(self, q_TD: torch.Tensor, idx_TK: torch.Tensor, g_TK: torch.Tensor) -> None:
+        if self.cfg.update_token_fraction < 1.0:
+            T = q_TD.shape[0]
+            m = max(1, round(self.cfg.update_token_fraction * T))
+            rows = torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values.to(q_TD.device)
+            q_TD, idx_TK, g_TK = q_TD[rows], idx_TK[rows], g_TK[rows]
+        T, K = idx_TK.shape
+        e_S = idx_TK.reshape(-1)
+        # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
+        gates_TE = torch.zeros(T, self.cfg.num_experts, device=g_TK.device).scatter_(1, idx_TK, g_TK)
+        self.stat_q_sum += gates_TE.t() @ q_TD
+        self.stat_gate += gates_TE.sum(0)
+        self.stat_count += torch.bincount(e_S, minlength=self.cfg.num_experts).float()
+        if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
+            # w[t, j, j'] = g[t, j'] for j' != j: the gate of every co-selected expert, without subtraction
+            w_TKK = g_TK.unsqueeze(1) * (1.0 - torch.eye(K, device=g_TK.device))
+            keys_TKD = self.key_store[idx_TK].float()
+            self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
+            self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
+        self.stat_q_total += q_TD.sum(0)
+        self.stat_tokens += T
+        self.stat_gate_entropy += rules.gate_entropy_TK(g_TK).sum()
+
+    def som_statistics(self) -> list[torch.Tensor]:
+        """The accumulators, for the trainer's in-place SUM all-reduce."""
+        return [getattr(self, name) for name in STATISTICS]
+
+    def _clear_statistics(self) -> None:
+        for name in STATISTICS:
+            getattr(self, name).zero_()
+
+    def train(self, mode: bool = True):
+        if mode and not self.training:
+            self._clear_statistics()  # statistics an adapting eval left unapplied never reach training
+        return super().train(mode)
+
+    # --- self-organization ---------------------------------------------------------------
+    def rates(self, step: int, total_steps: int) -> Rates:
+        """Rule rates at an optimizer step: schedules times the ``som_warmup_steps`` ramp."""
+        c = self.cfg
+        frac = min(1.0, step / total_steps) if total_steps > 0 else 0.0
+        ramp = rules.som_ramp(step, c.som_warmup_steps)
+        return Rates(ramp * rules.alpha_at(c, frac), ramp * c.gamma, ramp * rules.beta_at(c, frac), ramp * c.delta)
+
+    @torch.no_grad()
+    def self_organize(self, step: int, total_steps: int) -> None:
+        """Apply this step's (all-reduced) statistics to the keys, then clear them."""
+        if step % self.cfg.update_every == 0:
+            self._apply_rules(self.rates(step, total_steps), rules.top_k_at(self.cfg, step, total_steps))
+        self._clear_statistics()
+
+    @torch.no_grad()
+    def self_organize_at_inference(self) -> None:
+        """Ablation C: apply an adapting eval batch's statistics with the end-of-training rates."""
+        total = max(self._total_steps, 1)
+        self._apply_rules(self.rates(total, total), rules.top_k_at(self.cfg, total, total))
+        self._clear_statistics()
+
+    def _apply_rules(self, r: Rates, top_k: int) -> None:
+        c = self.cfg
+        slots = float(self.stat_count.sum())
+        if slots <= 0:
+            return
+        keys_ED = self.key_store.float()
+        delta_ED = torch.zeros_like(keys_ED)
+        if c.attraction:
+            delta_ED += rules.attraction_delta(keys_ED, self.stat_q_sum, self.stat_gate, r.alpha)
+        if c.peer:
+            delta_ED += rules.peer_delta(keys_ED, self.stat_peer_sum, self.stat_peer_mass, r.gamma)
+        if c.repulsion:
+            delta_ED += rules.repulsion_delta(keys_ED, r.beta)
+        self.usage_ema.copy_(rules.updated_usage(self.usage_ema, self.stat_count, c.ema_decay if c.usage_ema else 0.0))
+        self._update_query_mean()
+        # expected slots of a whole step: the statistics may have seen only a fraction of the tokens
+        dormant_E = rules.dormant_mask(self.usage_ema, slots / c.update_token_fraction, c.theta, c.theta_percentile)
+        self.dormant_streak.copy_(torch.where(dormant_E, self.dormant_streak + 1, 0))
+        if c.decay:
+            delta_ED += rules.decay_delta(keys_ED, dormant_E, self.query_mean_ema, r.delta)
+        new_ED = keys_ED + rules.clip_rows(delta_ED, c.delta_clip)
+        if c.key_norm:
+            new_ED = F.normalize(new_ED, dim=1)
+        self.key_drift.fill_((new_ED - keys_ED).norm(dim=1).mean())
+        self.key_store.copy_(new_ED)
+        if c.key_ema > 0:
+            route_ED = c.key_ema * self.key_route + (1.0 - c.key_ema) * new_ED
+            self.key_route.copy_(F.normalize(route_ED, dim=1) if c.key_norm else route_ED)
+        self._entropy_band(top_k)
+        self.som_updates += 1
+
+    def _update_query_mean(self) -> None:
+        mean_D = self.stat_q_total / self.stat_tokens.clamp_min(1.0)
+        if int(self.som_updates) == 0:
+            self.query_mean_ema.copy_(mean_D)  # no EMA bias toward the zero it starts from
+        else:
+            self.query_mean_ema.mul_(self.cfg.ema_decay).add_((1.0 - self.cfg.ema_decay) * mean_D)
+
+    def _entropy_band(self, top_k: int) -> None:
+        """Nudge log_tau so the mean gate entropy stays in the band (off while top-k warms up)."""
+        c = self.cfg
+        if not c.entropy_band_on or top_k < c.top_k or float(self.stat_tokens) <= 0:
+            return
+        low, high = c.entropy_band
+        mean_entropy = float(self.stat_gate_entropy / self.stat_tokens)
+        step = c.entropy_band_rate if mean_entropy < low else -c.entropy_band_rate if mean_entropy > high else 0.0
+        self.log_tau.data.add_(step).clamp_(-LOG_TAU_LIMIT, LOG_TAU_LIMIT)  # higher tau -> flatter gates
+
+    # --- readouts (section 4) ------------------------------------------------------------
+    def reset_readouts(self) -> None:
+        self._readout_acc = None
+
+    @torch.no_grad()
+    def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
+        if self._readout_acc is None:
+            dev = idx_TK.device  # float64 sums (MPS has none: float32 there)
+            fdt = torch.float32 if dev.type == "mps" else torch.float64
+            self._readout_acc = {"counts": torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=dev),
+                                 "gate_entropy": torch.zeros((), dtype=fdt, device=dev),
+                                 "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
+        acc = self._readout_acc
+        acc["counts"] += torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)
+        acc["gate_entropy"] += rules.gate_entropy_TK(gates_TK.float()).sum().to(acc["gate_entropy"].dtype)
+        acc["tokens"] += idx_TK.shape[0]
+
+    @torch.no_grad()
+    def readouts(self) -> dict[str, float]:
+        """Usage inequality and gate entropy since ``reset_readouts``, plus the keys' current state."""
+        out: dict[str, float] = {}
+        acc = self._readout_acc
+        if acc is not None and int(acc["tokens"]) > 0:
+            counts_E = acc["counts"].cpu()
+            E = self.cfg.num_experts
+            out["usage_gini"] = gini(counts_E)
+            out["usage_entropy_bits"] = entropy_bits(counts_E)
+            out["usage_entropy_norm"] = out["usage_entropy_bits"] / math.log2(E) if E > 1 else 1.0
+            out["gate_entropy_nats"] = float(acc["gate_entropy"]) / int(acc["tokens"])
+        out.update(self._key_readouts())
+        out["dormant"] = float((self.dormant_streak > 0).sum())
+        out["dormant_streak_max"] = float(self.dormant_streak.max())  # updates in a row, longest
+        streaks = self.dormant_streak[self.dormant_streak > 0]
+        out["dormant_streak_mean"] = float(streaks.float().mean()) if streaks.numel() else 0.0
+        out["key_drift"] = float(self.key_drift)
+        out["tau"] = float(self.cfg.router_temperature_train * (1.0 if self.log_tau is None else self.log_tau.exp()))
+        out["top_k"] = float(self.top_k_now)
+        out["dropped_pct"] = 0.0  # dropless
+        return out
+
+    def _key_readouts(self) -> dict[str, float]:
+        keys_ED = self.key_store.float()
+        E = keys_ED.shape[0]
+        unit_ED = F.normalize(keys_ED, dim=1)
+        cos_EE = unit_ED @ unit_ED.t()
+        off_EE = cos_EE[~torch.eye(E, dtype=torch.bool, device=cos_EE.device)]
+        out = {"key_norm_mean": float(keys_ED.norm(dim=1).mean())}
+        if E > 1:
+            out.update(key_cos_mean=float(off_EE.mean()), key_cos_max=float(off_EE.max()))
+        return out

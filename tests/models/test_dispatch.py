@@ -1,0 +1,121 @@
+"""Dropless dispatch against a naive per-token loop: values, gradients, dtypes, frozen weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from somoe.models.dispatch import compute_dtype, dispatch, grouped_mlp, padded_bmm_mlp, per_expert, plan
+
+T, D, E, K, FF = 37, 8, 6, 3, 12
+
+
+def make_experts(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w1 = (torch.randn(E, D, FF, generator=g) / D ** 0.5).to(dtype)
+    b1 = (torch.randn(E, FF, generator=g) * 0.1).to(dtype)
+    w2 = (torch.randn(E, FF, D, generator=g) / FF ** 0.5).to(dtype)
+    b2 = (torch.randn(E, D, generator=g) * 0.1).to(dtype)
+    return w1, b1, w2, b2
+
+
+def make_routing(seed=1, skip_expert=None):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.ones(E)
+    if skip_expert is not None:
+        weights[skip_expert] = 0.0  # that expert gets no token at all
+    idx_TK = torch.stack([torch.multinomial(weights, K, generator=g) for _ in range(T)])
+    gates_TK = torch.softmax(torch.randn(T, K, generator=g), -1)
+    return idx_TK, gates_TK
+
+
+def naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2):
+    """One token at a time, one slot at a time, in fp32."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y = torch.zeros(D)
+        for j in range(idx_TK.shape[1]):
+            e = int(idx_TK[t, j])
+            h = F.gelu(x_TD[t] @ w1[e].float() + b1[e].float())
+            y = y + gates_TK[t, j] * (h @ w2[e].float() + b2[e].float())
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def test_plan_sorts_slots_by_expert_stably():
+    idx_TK = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    p = plan(idx_TK, 4)
+    # flattened slots: 0:e2 1:e0 2:e0 3:e1 4:e2 5:e1 -> sorted by expert, ties in slot order
+    assert p.order_S.tolist() == [1, 2, 3, 5, 0, 4]
+    assert p.token_S.tolist() == [0, 1, 1, 2, 0, 2]
+    assert p.expert_S.tolist() == [0, 0, 1, 1, 2, 2]
+    assert p.counts == [2, 2, 2, 0]
+
+
+@pytest.mark.parametrize("skip_expert", [None, 4])
+def test_matches_naive_loop_fp32(skip_expert):
+    w1, b1, w2, b2 = make_experts()
+    idx_TK, gates_TK = make_routing(skip_expert=skip_expert)
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(2))
+    y_TD = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2), E)
+    assert torch.allclose(y_TD, naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2), atol=1e-5, rtol=0)
+
+
+def test_input_gradient_matches_naive_and_frozen_weights_get_none():
+    w1, b1, w2, b2 = make_experts()
+    idx_TK, gates_TK = make_routing()
+    gates_TK.requires_grad_(True)
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    probe_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(4))
+    y = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2), E)
+    gx, gg = torch.autograd.grad((y * probe_TD).sum(), (x_TD, gates_TK))
+    x_ref = x_TD.detach().clone().requires_grad_(True)
+    g_ref = gates_TK.detach().clone().requires_grad_(True)
+    gx_ref, gg_ref = torch.autograd.grad((naive(x_ref, idx_TK, g_ref, w1, b1, w2, b2) * probe_TD).sum(), (x_ref, g_ref))
+    assert torch.allclose(gx, gx_ref, atol=1e-5) and torch.allclose(gg, gg_ref, atol=1e-5)
+    assert all(w.grad is None and not w.requires_grad for w in (w1, b1, w2, b2))
+
+
+def test_bf16_weights_compute_in_bf16_and_return_input_dtype():
+    w1, b1, w2, b2 = make_experts(torch.bfloat16)
+    idx_TK, gates_TK = make_routing()
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(5))
+    y_TD = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2), E)
+    ref_TD = naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2)  # same bf16 weights, fp32 math
+    assert y_TD.dtype == torch.float32
+    assert (y_TD - ref_TD).abs().max() < 0.05 * ref_TD.abs().max()  # bf16 activations: ~3 significant digits
+    assert not torch.equal(y_TD, ref_TD)  # it really computed in bf16
+
+
+def test_padded_bmm_and_per_expert_agree_with_grouped_loop():
+    w1, b1, w2, b2 = make_experts()
+    idx_TK, gates_TK = make_routing(skip_expert=2)
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
+    loop = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2), E)
+    padded = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: padded_bmm_mlp(x, c, w1, b1, w2, b2), E)
+    calls = []
+
+    def one(e, x):
+        calls.append(e)
+        return F.gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e]
+
+    looped = dispatch(x_TD, idx_TK, gates_TK, per_expert(one), E)
+    assert torch.allclose(loop, padded, atol=1e-5) and torch.allclose(loop, looped, atol=1e-6)
+    assert calls == [0, 1, 3, 4, 5]  # the empty expert is skipped
+
+
+def test_inside_autocast_the_experts_run_in_the_autocast_dtype():
+    w1, b1, w2, b2 = make_experts()
+    idx_TK, gates_TK = make_routing()
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(7))
+    seen = []
+
+    def fn(x, c):
+        seen.append(x.dtype)
+        return grouped_mlp(x, c, w1, b1, w2, b2)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_TD = dispatch(x_TD, idx_TK, gates_TK, fn, E, compute_dtype(x_TD, w1.dtype))
+    assert seen == [torch.bfloat16] and y_TD.dtype == torch.float32
+    assert (y_TD - naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2)).abs().max() < 0.05
