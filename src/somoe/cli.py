@@ -175,11 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("quickstart", help="the main job: SoME vs its GPT-2 baseline in miniature (seed 000)")
+    p = sub.add_parser("quickstart", help="the main job: train the quickstart preset offline, evaluate, sample")
     p.add_argument("--data", help="a folder with TinyStories train.txt and dev.txt (or valid.txt) instead of "
                                   "the built-in corpus")
-    p.add_argument("--presets", help="comma-separated presets to train and compare (default cpu_gpt2,cpu_some)")
-    p.add_argument("--out", default="runs/main")
+    p.add_argument("--presets", help="comma-separated presets to train and compare (default: quickstart; "
+                                       "cpu_gpt2,cpu_some is seed 000 in miniature)")
+    p.add_argument("--out", default="runs/quickstart")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_quickstart)
     return parser

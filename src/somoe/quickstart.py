@@ -1,9 +1,11 @@
-"""The main job: seed 000 in miniature, SoME against its GPT-2 baseline.
+"""The main job: train the quickstart preset (or several presets side by side), evaluate, sample.
 
 Trains each preset in turn on the same data and token budget (offline on the
 built-in corpus by default, TinyStories files with ``--data DIR``), then prints
-a side-by-side table and a sample from each model. Re-running resumes or skips
-finished runs, so an interrupted main job loses nothing.
+a table of their evaluations and a sample from each model. ``--presets
+cpu_gpt2,cpu_some`` runs seed 000 in miniature (SoME against its GPT-2
+baseline). Re-running resumes or skips finished runs, so an interrupted main
+job loses nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 
-MAIN_JOB_PRESETS = ("cpu_gpt2", "cpu_some")
+MAIN_JOB_PRESETS = ("quickstart",)
 SAMPLE_PROMPT = "Once upon a time"
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .config import RunConfig
 from .data import BPETokenizer
@@ -32,8 +31,6 @@ def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
     if not checkpoints:
         raise CheckpointError(f"{path} has no checkpoints; train first (somoe train --out {path})")
     if which == "best":
-        import json
-
         best = None
         for ckpt in checkpoints:
             state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -59,7 +56,3 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
     model.eval()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     return LoadedRun(cfg, model, BPETokenizer.load(tok_file), ckpt, run_dir)
-
-
-def default_device_dtype(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
