@@ -147,7 +147,8 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, self.cfg.train)
         set_lr(self.optimizer, lr)
         micro = self._micro_batches()
-        local_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        counts = [int((y != IGNORE_INDEX).sum()) for _, y in micro]
+        local_targets = sum(counts)
         global_targets = all_reduce_scalar(float(local_targets), self.device)
         # DDP averages gradients over ranks, so scale each rank's summed loss by world/global count
         scale = self.dist.world_size / max(global_targets, 1.0)
@@ -159,7 +160,7 @@ class Trainer:
             with ctx:
                 with self.autocast():
                     out = self.forward_model(x, y)
-                n = int((y != IGNORE_INDEX).sum())
+                n = counts[m]
                 loss = out.ce_loss * (n * scale)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss / len(micro)
