@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_quickstart)
+
+    from .commands import register_all
+
+    register_all(sub)  # upcycle, transition, bench, analyze, compare, sweep, adapt, ...
     return parser
 
 
