@@ -134,15 +134,17 @@ def write_report(run_dir: Path) -> str:
     return write_summary(run_dir)
 
 
-def comparison_table(run_dirs: list[Path]) -> str:
-    """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing)."""
+def comparison_table(run_dirs: list[Path], labels: list[str] | None = None) -> str:
+    """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing).
+
+    ``labels`` replace the config names in the first column (runs of one preset share a name)."""
     header = ("run", "ffn", "val loss", "ppl", "bpb", "trainable", "total", "tokens", "tok/s", "mid gini",
               "mid H bits")
     rows = [header]
-    for run in run_dirs:
+    for i, run in enumerate(run_dirs):
         s = summarize_run(run)
         rows.append((
-            s["name"], s["ffn"], _fmt(s["best_val_loss"]), _fmt(s["best_val_ppl"], ".3f"),
+            labels[i] if labels else s["name"], s["ffn"], _fmt(s["best_val_loss"]), _fmt(s["best_val_ppl"], ".3f"),
             _fmt(s["best_val_bpb"]), _millions(s["params_trainable"]), _millions(s["params_total"]),
             _millions(s["tokens_seen"]), _fmt(s["tokens_per_s"], ",.0f"),
             _fmt(s["middle_gini"][-1], ".3f") if s["middle_gini"] else "-",

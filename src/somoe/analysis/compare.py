@@ -1,0 +1,69 @@
+"""``somoe compare``: one table and overlaid validation curves of several runs (from their files alone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+from ..report import comparison_table, read_metrics, summarize_run
+from .plots import pyplot
+
+
+def check_runs(run_dirs: list[Path]) -> None:
+    for run in run_dirs:
+        if not (run / "metrics.jsonl").is_file():
+            raise ConfigError(f"{run} has no metrics.jsonl; pass run folders written by somoe train")
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Config names, or folder names when two runs share a config name (runs of one preset)."""
+    names = [summarize_run(r)["name"] for r in run_dirs]
+    return names if len(set(names)) == len(names) else [r.name for r in run_dirs]
+
+
+def plot_comparison(run_dirs: list[Path], path: Path, title: str = "") -> Path:
+    """Val loss vs tokens seen, vs training wall time, and best val ppl vs total parameters."""
+    plt = pyplot()
+    labels = run_labels(run_dirs)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, run in enumerate(run_dirs):
+        s = summarize_run(run)
+        _, evals = read_metrics(run)
+        color, name = f"C{i % 10}", labels[i]
+        axes[0].plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, color=color,
+                     label=name)
+        axes[1].plot([r.get("elapsed", 0.0) / 60 for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
+                     color=color, label=name)
+        if s["params_total"] and s["best_val_ppl"]:
+            axes[2].scatter(s["params_total"] / 1e6, s["best_val_ppl"], color=color, s=40)
+            axes[2].annotate(name, (s["params_total"] / 1e6, s["best_val_ppl"]), fontsize=7,
+                             xytext=(4, 4), textcoords="offset points")
+    axes[0].set(xlabel="tokens seen (M)", ylabel="val loss (nats/token)", title="val loss vs tokens")
+    axes[1].set(xlabel="training wall time (min)", ylabel="val loss (nats/token)", title="val loss vs wall time")
+    axes[2].set(xlabel="total parameters (M)", ylabel="best val perplexity", title="ppl vs total params")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> str:
+    """Write compare.md (table + figure), compare.json (raw figures) and compare.png into ``out``; return the table."""
+    run_dirs = [Path(r) for r in run_dirs]
+    check_runs(run_dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison_table(run_dirs, run_labels(run_dirs))
+    plot_comparison(run_dirs, out / "compare.png", title)
+    summaries = [{**summarize_run(r), "run_dir": str(r)} for r in run_dirs]
+    (out / "compare.json").write_text(json.dumps(summaries, indent=1), encoding="utf-8")
+    text = (f"# {title or 'Comparison'}\n\nBest validation figures of each run; tokens/s over training wall time; "
+            f"mid gini / H: the middle layer's expert-usage Gini and entropy at the last eval.\n\n```\n{table}\n```\n\n"
+            f"![curves](compare.png)\n")
+    (out / "compare.md").write_text(text, encoding="utf-8")
+    return table
