@@ -13,6 +13,7 @@ from typing import Literal
 from .loading import ConfigError
 from .moe import MoEConfig
 from .some import SoMEConfig
+from .transition import TransitionConfig
 
 
 @dataclass
@@ -146,6 +147,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    transition: TransitionConfig = field(default_factory=TransitionConfig)  # somoe transition's phase 2 (seed 004)
 
     def validate(self) -> None:
         if self.data.seq_len > self.model.max_seq_len:

@@ -148,6 +148,22 @@ def grouped_mlp(x_SD: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, b1_
     return per_expert(expert)(x_SD, counts)
 
 
+def grouped_swiglu(x_SD: torch.Tensor, counts: list[int], w_gate_EDF: torch.Tensor, w_up_EDF: torch.Tensor,
+                   w_down_EFD: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts (smollm backbone, no biases): ``(silu(x Wg_e) * (x Wu_e)) Wd_e`` per slice.
+
+    Same dtype rules and single ``unbind`` as :func:`grouped_mlp`.
+    """
+    dt = compute_dtype(x_SD, w_up_EDF.dtype)
+    x_SD = x_SD.to(dt)
+    wgs, wus, wds = (w.to(dt).unbind(0) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+
+    def expert(e: int, x: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ wgs[e]) * (x @ wus[e])) @ wds[e]
+
+    return per_expert(expert)(x_SD, counts)
+
+
 def padded_bmm_mlp(x_SD: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, b1_EF: torch.Tensor,
                    w2_EFD: torch.Tensor, b2_ED: torch.Tensor) -> torch.Tensor:
     """The alternative measured above: pad every expert to the largest count, two ``baddbmm``."""

@@ -24,7 +24,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         if id(p) in seen:  # a tied head appears twice
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # stacked per-expert biases are 2-D: such tensors opt out with a ``no_weight_decay`` attribute
+        (decay if p.dim() >= 2 and not getattr(p, "no_weight_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)

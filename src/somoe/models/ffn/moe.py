@@ -1,0 +1,227 @@
+"""The classic sparsely-gated MoE baseline (Shazeer et al. 2017): trainable experts, noisy top-k gating.
+
+Forward over the T tokens of a batch (``model.ffn: moe``, settings in ``model.moe``)::
+
+    H(x) = x W_g + eps * softplus(x W_noise)    eps ~ N(0, 1); training forwards only, from noise_start_step
+    I = topk(H, k); g = softmax(H_I)            softmax over the kept k
+    y = sum_j g_j * Expert_{I_j}(x)             models/dispatch.py, the dispatch shared with SoME
+
+Experts are stacked trainable parameters run by ``grouped_mlp`` (GELU/ReLU with
+biases, ``gpt2``) or ``grouped_swiglu`` (``smollm``). The router runs in fp32
+even under autocast: bf16 logits tie and flip the top-k choice.
+
+Router and noise weights start at zero (Shazeer et al., appendix A): at
+initialization the noise alone spreads the tokens, and an upcycled layer
+(``somoe.upcycle``) with identical experts and a zero router has uniform
+gates, so it computes exactly the dense FFN it was copied from.
+
+With ``capacity_factor > 0`` each expert keeps at most ``ceil(cf * T * k / E)``
+slots, every token's first choice before any second choice (GShard's
+priority) and in token order within a choice rank. A dropped slot contributes
+nothing (the residual carries the token); the remaining gates are not
+renormalized. Dropped slots are still computed by the dispatch (their gate is
+zero): the capacity here models the routing semantics, not the compute saving.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...analysis.usage import entropy_bits, gini
+from ...config import ModelConfig
+from ..dispatch import compute_dtype, dispatch, grouped_mlp, grouped_swiglu
+from .base import FFN, in_recompute
+from .dense import activation_fn
+from .registry import register_ffn
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation ``var / mean^2`` (population variance, as tensor2tensor's)."""
+    mean = x_E.mean()
+    return ((x_E - mean) ** 2).mean() / (mean ** 2 + 1e-10)
+
+
+def capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor | None:
+    """Boolean ``(T, K)`` mask of the slots that fit their expert's capacity; None when dropless."""
+    if capacity_factor <= 0:
+        return None
+    T, K = idx_TK.shape
+    capacity = math.ceil(capacity_factor * T * K / num_experts)
+    flat_S = idx_TK.t().reshape(-1)  # priority order: all first choices (token order), then second choices
+    order_S = torch.argsort(flat_S, stable=True)
+    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_S = torch.empty_like(order_S)
+    rank_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[flat_S[order_S]]
+    return (rank_S < capacity).view(K, T).t()
+
+
+@register_ffn("moe")
+class MoELayer(FFN):
+    """Noisy top-k MoE with trainable experts, an aux balancing loss and an optional capacity."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.cfg = c = cfg.moe
+        self.layer_idx, self.d_model = layer_idx, cfg.d_model
+        self.init_std, self.n_layers = cfg.init_std, cfg.n_layers
+        E, D, F_ = c.num_experts, cfg.d_model, c.d_ffn or cfg.ffn_hidden
+        self.d_ffn = F_
+        self.swiglu = cfg.activation == "swiglu"
+        bias = cfg.bias and not self.swiglu  # the dense FFN's rule, so upcycling copies biases one to one
+        self.router = nn.Linear(D, E, bias=False)
+        self.noise = nn.Linear(D, E, bias=False) if c.noisy_gating else None
+        self.expert_w1 = nn.Parameter(torch.empty(E, D, F_))  # GELU/ReLU: in; SwiGLU: up
+        self.expert_wg = nn.Parameter(torch.empty(E, D, F_)) if self.swiglu else None  # SwiGLU gate
+        self.expert_w2 = nn.Parameter(torch.empty(E, F_, D))
+        self.expert_b1 = nn.Parameter(torch.empty(E, F_)) if bias else None
+        self.expert_b2 = nn.Parameter(torch.empty(E, D)) if bias else None
+        for b in (self.expert_b1, self.expert_b2):
+            if b is not None:
+                b.no_weight_decay = True  # stacked biases are 2-D; the optimizer must not treat them as matrices
+        self.act = None if self.swiglu else activation_fn(cfg.activation)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self._step = 0
+        self._acc: dict[str, torch.Tensor] | None = None
+        # added to the clean logits when set (E,): upcycling's verification forces each expert in turn
+        self.logit_offset: torch.Tensor | None = None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init of the experts (scaled output projection), zero router and noise weights."""
+        if self.expert_w1.is_meta:
+            return
+        nn.init.normal_(self.expert_w1, 0.0, self.init_std)
+        if self.expert_wg is not None:
+            nn.init.normal_(self.expert_wg, 0.0, self.init_std)
+        nn.init.normal_(self.expert_w2, 0.0, self.init_std / math.sqrt(2 * self.n_layers))
+        for p in (self.expert_b1, self.expert_b2, self.router.weight,
+                  self.noise.weight if self.noise is not None else None):
+            if p is not None:
+                p.zero_()
+
+    # --- routing -------------------------------------------------------------------------
+    def set_progress(self, step: int, total_steps: int) -> None:
+        self._step = step
+
+    def noise_active(self) -> bool:
+        return self.noise is not None and self.training and self._step >= self.cfg.noise_start_step
+
+    def _logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(routing logits H, clean logits x W_g, noise std or None), all fp32."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x32 = x_TD.float()
+            clean_TE = F.linear(x32, self.router.weight.float())
+            if self.logit_offset is not None:
+                clean_TE = clean_TE + self.logit_offset.to(clean_TE.device)
+            if not self.noise_active():
+                return clean_TE, clean_TE, None
+            std_TE = F.softplus(F.linear(x32, self.noise.weight.float()))
+            return clean_TE + torch.randn_like(clean_TE) * std_TE, clean_TE, std_TE
+
+    def _select(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top_TK, idx_TK = logits_TE.topk(self.cfg.top_k, dim=-1)
+        return idx_TK, torch.softmax(top_TK, dim=-1)
+
+    @torch.no_grad()
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert indices and gates (``x.shape[:-1] + (k,)``) as the current mode routes them."""
+        logits_TE, _, _ = self._logits(x.reshape(-1, self.d_model))
+        idx_TK, gates_TK = self._select(logits_TE)
+        return idx_TK.view(*x.shape[:-1], -1), gates_TK.view(*x.shape[:-1], -1)
+
+    # --- forward -------------------------------------------------------------------------
+    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if self.swiglu:
+            return grouped_swiglu(x_SD, counts, self.expert_wg, self.expert_w1, self.expert_w2)
+        return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
+                           activation=self.act)
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x_TD = x_BTD.reshape(-1, self.d_model)
+        logits_TE, clean_TE, std_TE = self._logits(x_TD)
+        idx_TK, gates_TK = self._select(logits_TE)
+        keep_TK = capacity_keep(idx_TK, self.cfg.num_experts, self.cfg.capacity_factor)
+        combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
+        y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
+                        compute_dtype(x_TD, self.expert_w1.dtype))
+        aux = None
+        if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
+            aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK)
+        if not in_recompute():  # a checkpoint recompute has been counted by the first forward
+            self._record_readouts(idx_TK, gates_TK, keep_TK)
+        return self.dropout(y_TD).view_as(x_BTD), aux
+
+    def aux_loss(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor | None,
+                 idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+        """``coef`` times the chosen balancing loss (computed on the router's choice, before drops).
+
+        ``switch``: ``E * sum_e f_e P_e`` with f_e the share of routed slots and
+        P_e the mean router probability (softmax over all E logits); 1 when balanced.
+        ``importance_load``: ``CV^2(importance) + CV^2(load)`` (Shazeer et al.):
+        importance_e = sum of token gates to e; load_e = the smooth estimate
+        ``sum_t P(e stays in the top k under resampled noise)`` while noise is on,
+        else the routed slot count.
+        """
+        E, K = self.cfg.num_experts, self.cfg.top_k
+        counts_E = torch.bincount(idx_TK.flatten(), minlength=E).float()
+        if self.cfg.aux_loss == "switch":
+            P_E = torch.softmax(logits_TE, dim=-1).mean(0)
+            loss = E * ((counts_E / idx_TK.numel()) * P_E).sum()
+        else:
+            importance_E = torch.zeros_like(logits_TE).scatter(1, idx_TK, gates_TK).sum(0)
+            load_E = counts_E if std_TE is None or K >= E else self._smooth_load(logits_TE, clean_TE, std_TE)
+            loss = cv_squared(importance_E) + cv_squared(load_E)
+        return self.cfg.aux_loss_coef * loss
+
+    def _smooth_load(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor) -> torch.Tensor:
+        """Shazeer's differentiable load: Phi((clean - threshold) / std), summed over tokens.
+
+        The threshold an expert must beat is the k-th largest noisy logit of the
+        others: the (k+1)-th overall if the expert is in the top k, else the k-th.
+        """
+        K = self.cfg.top_k
+        top_TK1 = logits_TE.topk(K + 1, dim=-1).values
+        in_TE = logits_TE > top_TK1[:, K:K + 1]
+        threshold_TE = torch.where(in_TE, top_TK1[:, K:K + 1], top_TK1[:, K - 1:K])
+        return torch.special.ndtr((clean_TE - threshold_TE) / std_TE).sum(0)
+
+    # --- readouts (the SoME layer's, docs/some-layer.md section 4) ---------------------------
+    def reset_readouts(self) -> None:
+        self._acc = None
+
+    @torch.no_grad()
+    def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
+        if self._acc is None:
+            dev = idx_TK.device
+            fdt = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
+            self._acc = {"counts": torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=dev),
+                         "gate_entropy": torch.zeros((), dtype=fdt, device=dev),
+                         "dropped": torch.zeros((), dtype=torch.int64, device=dev),
+                         "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
+        acc = self._acc
+        acc["counts"] += torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)
+        g = gates_TK.float()
+        acc["gate_entropy"] += (-(g * g.clamp_min(1e-30).log()).sum()).to(acc["gate_entropy"].dtype)
+        if keep_TK is not None:
+            acc["dropped"] += (~keep_TK).sum()
+        acc["tokens"] += idx_TK.shape[0]
+
+    @torch.no_grad()
+    def readouts(self) -> dict[str, float]:
+        """Usage (routed slots) inequality, gate entropy and dropped share since ``reset_readouts``."""
+        acc = self._acc
+        if acc is None or int(acc["tokens"]) == 0:
+            return {}
+        counts_E, E, tokens = acc["counts"].cpu(), self.cfg.num_experts, int(acc["tokens"])
+        bits = entropy_bits(counts_E)
+        return {"usage_gini": gini(counts_E), "usage_entropy_bits": bits,
+                "usage_entropy_norm": bits / math.log2(E) if E > 1 else 1.0,
+                "gate_entropy_nats": float(acc["gate_entropy"]) / tokens,
+                "dropped_pct": 100.0 * int(acc["dropped"]) / (tokens * self.cfg.top_k),
+                "top_k": float(self.cfg.top_k)}
