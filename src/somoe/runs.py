@@ -53,6 +53,9 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
     dev = resolve_device(device)
     model = build_model(cfg.model, dev)
     load_model_state(ckpt, model)
+    # the schedules (top-k warmup, SoM rates used by an adapting eval) need the training progress
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    model.set_progress(int(state.get("step", 0)), int(state.get("total_steps", 0)))
     model.eval()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
     return LoadedRun(cfg, model, BPETokenizer.load(tok_file), ckpt, run_dir)
