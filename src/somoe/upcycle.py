@@ -233,6 +233,8 @@ def upcycle_run(dense_run: str | Path, out: str | Path, num_experts: int | None 
     from .data import prepare_data
     from .runs import load_run
 
+    if list_checkpoints(Path(out)):
+        raise CheckpointError(f"{out} already has checkpoints; choose another --out for the upcycled run")
     run = load_run(dense_run, device=device, which=which)
     moe_cfg = moe_config(run.cfg, num_experts, top_k, overrides)
     moe = upcycle_model(run.model, moe_cfg)

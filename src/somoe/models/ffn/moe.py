@@ -219,7 +219,7 @@ class MoELayer(FFN):
         if acc is None or int(acc["tokens"]) == 0:
             return {}
         counts_E, E, tokens = acc["counts"].cpu(), self.cfg.num_experts, int(acc["tokens"])
-        bits = entropy_bits(counts_E)
+        bits = entropy_bits(counts_E) + 0.0  # + 0.0: no "-0.0" when one expert takes everything
         return {"usage_gini": gini(counts_E), "usage_entropy_bits": bits,
                 "usage_entropy_norm": bits / math.log2(E) if E > 1 else 1.0,
                 "gate_entropy_nats": float(acc["gate_entropy"]) / tokens,
