@@ -164,7 +164,7 @@ def run_adaptation(run: str | Path, shift_data: str, out: str | Path | None = No
                                   "post_ood": r.post_ood, "post_in": r.post_in, "key_move": r.key_move}
                          for r in results}}
     (out / "adapt.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    plot_adaptation(results, pre, f"ablation C: {first.run_dir.name} (step {first.checkpoint.name}), "
+    plot_adaptation(results, pre, f"ablation C: {first.run_dir.name} ({first.checkpoint.name}), "
                                   f"shift to {Path(shift_data).name}", out / "adapt.png")
     (out / "adapt.md").write_text(_markdown(summary), encoding="utf-8")
     log(f"wrote {out / 'adapt.md'}")
