@@ -14,8 +14,8 @@ def register(sub) -> None:
     p.add_argument("--probe-sequences", type=int, default=8, help="validation windows in the frozen probe batch")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
     p.add_argument("--device", default="auto")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="model.moe.* settings for the MoE run, e.g. model.moe.aux_loss_coef=0.02")
+    p.add_argument("--set", action="append", default=[], metavar="key=value", dest="overrides",
+                   help="a model.moe.* setting of the MoE run (repeatable), e.g. --set model.moe.aux_loss_coef=0.02")
     p.set_defaults(func=run)
 
 
