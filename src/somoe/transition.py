@@ -180,7 +180,8 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
     _banner(log, f"PHASE 1 - dense ({dense_cfg.train.max_steps or 'epochs'} steps, lr {dense_cfg.train.lr:g})")
     phase1 = Trainer(dense_cfg, out / "dense", resume="auto", progress=progress, log=log)
     log(f"  params {phase1.model.param_counts()}")
-    phase1.fit()
+    if phase1.step < phase1.total_steps:  # a finished phase is not evaluated again on a rerun
+        phase1.fit()
     if phase1.step < phase1.total_steps and dense_cfg.train.max_minutes <= 0:
         log(f"phase 1 stopped at step {phase1.step}; rerun the same command to resume")
         return 130
@@ -217,7 +218,8 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
     log(f"  params {phase2.model.param_counts()}")
     if phase2.step == 0:
         phase2.run_eval()  # the upcycled model on the same validation data as phase 1's last eval
-    phase2.fit()
+    if phase2.step < phase2.total_steps:
+        phase2.fit()
     if phase2.step < phase2.total_steps and t.max_minutes <= 0:
         log(f"phase 2 stopped at step {phase2.step}; rerun the same command to resume")
         return 130
