@@ -85,3 +85,14 @@ def test_tiny_transition_end_to_end_and_resume(tmp_path, data_cache, capsys):
     assert again == s
     rerun = [json.loads(l) for l in (out / "training_history.jsonl").read_text().splitlines()]
     assert rerun == history  # no duplicate records
+
+
+def test_main_job_moe_flag_adds_the_moe_row(tmp_path, data_cache, capsys):
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--presets", "debug", "--moe", "--out", str(out), *TINY,
+                 f"data.cache_dir={data_cache}", "train.max_steps=3", "model.d_ffn=64"])
+    assert code == 0
+    table = capsys.readouterr().out.split("run ")[-1]
+    rows = {line.split("|")[0].strip(): line.split("|")[1].strip() for line in table.splitlines()[2:4]}
+    assert rows == {"debug": "dense", "cpu_moe": "moe"}
+    assert load_run(out / "cpu_moe", device="cpu").cfg.model.moe.num_experts == 8

@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "the built-in corpus")
     p.add_argument("--presets", help="comma-separated presets to train and compare (default: quickstart; "
                                        "cpu_gpt2,cpu_some is seed 000 in miniature)")
+    p.add_argument("--moe", action="store_true", help="also train and compare the classic MoE baseline (cpu_moe)")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_quickstart)

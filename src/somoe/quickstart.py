@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import ConfigError, load_config
 
 MAIN_JOB_PRESETS = ("quickstart",)
+MOE_PRESET = "cpu_moe"  # --moe: noisy top-k MoE on cpu_gpt2's backbone
 SAMPLE_PROMPT = "Once upon a time"
 
 
@@ -54,6 +55,8 @@ def run_quickstart(args) -> int:
     from .report import comparison_table
 
     presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
+    if getattr(args, "moe", False) and MOE_PRESET not in presets:
+        presets.append(MOE_PRESET)  # the classic MoE baseline as one more row of the comparison
     overrides = data_overrides(args.data) + list(args.overrides)
     out = Path(args.out)
     source = args.data or "the built-in corpus (offline; real results need TinyStories: --data DIR)"
