@@ -200,6 +200,8 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
         for line in result.lines():
             log(line)
         if not result.passed:
+            log(f"the upcycled model differs from the dense one by more than {cfg.transition.tolerance:g}: "
+                f"nothing written, phase 2 not started")
             return 1
         verification = result.as_dict()
         save_upcycled(moe_dir, moe, moe_cfg, out / "dense" / "tokenizer.json",

@@ -120,6 +120,8 @@ class MoELayer(FFN):
             if self.logit_offset is not None:
                 clean_TE = clean_TE + self.logit_offset.to(clean_TE.device)
             if not self.noise_active():
+                if self.training and self.noise is not None:  # noise-free steps: W_noise stays in the graph
+                    clean_TE = clean_TE + 0.0 * self.noise.weight.sum()  # (DDP needs a gradient for every weight)
                 return clean_TE, clean_TE, None
             std_TE = F.softplus(F.linear(x32, self.noise.weight.float()))
             return clean_TE + torch.randn_like(clean_TE) * std_TE, clean_TE, std_TE
