@@ -1,43 +1,47 @@
 """Dropless token-to-expert dispatch, shared by the SoME layer and the classic MoE.
 
 One permutation per forward: the ``T*K`` token slots are sorted by expert id
-(stable argsort, so slots of one expert keep token order), experts run on
-contiguous slices of the sorted buffer, and the outputs are un-permuted and
-combined with the gate weights in one weighted sum. No per-token Python.
+(stable argsort, so slots of one expert keep token order); experts run on
+contiguous slices of the sorted buffer; the outputs are scaled by their gates
+and scatter-added (``index_add``, fp32 accumulation) straight into the token
+rows. No per-token Python.
 
-Expert weights come stacked (``w1_EDF`` etc.). When they have
-``requires_grad=False`` (SoME's frozen experts) autograd builds no weight
-gradients, only the input gradient. Weights stored in bf16 are computed in
-bf16 and the result is cast back to the input dtype.
+**Expert groups.** ``expert_fn(x_SD, counts)`` gets the sorted token copies and
+``counts`` (slots per expert), either a Python ``list[int]`` (CPU: one host
+sync per forward, then a loop of matmuls writing into preallocated slices) or
+a device tensor (CUDA with bf16 compute: ``torch._grouped_mm`` over the
+offsets, so the hot path has no ``.item()``/``.tolist()`` and can be captured
+in a CUDA graph). :func:`grouped_mlp` and :func:`grouped_swiglu` accept both.
 
-Why a loop over experts and not one padded ``bmm``: forward+backward (input
-gradient only), fp32, T=4096, d=256, E=64, k=4, d_ffn=512, on the 2 shared CPU
-cores of the dev box at a quiet moment (``python -c "from
-somoe.models.dispatch import benchmark; benchmark()"``; skewed = Zipf-like
-usage, the busiest expert gets 3762 of 16384 slots):
+**Frozen experts** (buffers, ``requires_grad=False``: SoME) go through a custom
+autograd function whose backward does only the two input-gradient matmuls;
+weight gradients are computed only for the weights autograd asks for
+(trainable MoE experts). It saves the pre-activation and recomputes the
+activation in backward (one elementwise op instead of an ``S x d_ffn`` buffer).
+Weights stored in bf16 are computed in bf16 (CPU AMX, GPU tensor cores);
+inside autocast the autocast dtype is used; the result is cast back to the
+input dtype.
 
-    routing    threads   loop (this module)   padded bmm
-    balanced      2            129 ms            169 ms
-    skewed        2            127 ms           2000 ms
-    balanced      1            211 ms            283 ms
-    skewed        1            205 ms           3733 ms
-
-The padded form pads every expert to the busiest expert's count, so its cost
-grows with routing imbalance (SoME runs reach usage Gini 0.98); the loop's
-does not. ``torch._grouped_mm`` would avoid both, but on CPU (torch 2.13) its
-backward fails, so it is not used.
+Why not autograd over per-expert ops (the previous version): on the 2 shared
+CPU cores each op is a parallel region, and the ``split``/``cat`` of E slices
+plus E small ``gelu`` calls cost more than the matmuls when the cores are
+contended; a ``bmm`` over T (1 x K) @ (K x D) products for the gate sum is a
+Python-speed loop inside ATen on CPU. The custom function runs 2E matmuls and
+one elementwise op per pass, writing in place. Figures: docs/benchmarks.md
+(``somoe bench layer``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 
+Counts = Union[list[int], torch.Tensor]  # slots per expert: host list (loop) or device tensor (grouped mm)
 # grouped expert function: (x_SD sorted by expert, counts per expert) -> y_SD in the same order
-GroupedFn = Callable[[torch.Tensor, list[int]], torch.Tensor]
+GroupedFn = Callable[[torch.Tensor, Counts], torch.Tensor]
 
 
 @dataclass
@@ -47,37 +51,89 @@ class Plan:
     order_S: torch.Tensor  # slot index (into the flattened T*K slots) at each sorted position
     token_S: torch.Tensor  # token index at each sorted position
     expert_S: torch.Tensor  # expert id at each sorted position (non-decreasing)
-    counts: list[int]  # slots per expert, length E (one host sync)
+    counts: Counts  # slots per expert, length E: a list (one host sync) or, for grouped mm, a device tensor
 
 
-def plan(expert_idx_TK: torch.Tensor, num_experts: int) -> Plan:
+def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True) -> Plan:
     """Sort the flattened slots by expert id (stable) and count slots per expert."""
     flat_S = expert_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    counts = torch.bincount(flat_S, minlength=num_experts).tolist()
+    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    counts = counts_E.tolist() if host_counts else counts_E
     return Plan(order_S, order_S // expert_idx_TK.shape[1], flat_S[order_S], counts)
 
 
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether experts on ``device`` computing in ``dtype`` use ``torch._grouped_mm`` (no host sync).
+
+    CUDA bf16 on compute capability >= 8.0 only: that is what the kernel
+    supports. On CPU the op exists but loops over groups itself and has no
+    backward, so the Python loop with preallocated outputs is used there.
+    """
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+class Groups(list):
+    """Host counts (a ``list[int]``, so any ``expert_fn`` can ``split`` by it) that also carry
+    the sorted slots' gates: an expert function that can fold the gate into its
+    own output (:func:`grouped_mlp`) does so, in cache, and sets ``gates_applied``
+    so that :func:`dispatch` does not multiply again."""
+
+    def __init__(self, counts: list[int], gates_S: torch.Tensor | None = None):
+        super().__init__(counts)
+        self.gates_S = gates_S
+        self.gates_applied = False
+
+
 def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
-             expert_fn: GroupedFn, num_experts: int, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+             expert_fn: GroupedFn, num_experts: int, compute_dtype: torch.dtype | None = None,
+             grouped: bool | None = None) -> torch.Tensor:
     """``y_t = sum_j gates_tj * Expert_{idx_tj}(x_t)`` for every token, dropless.
 
     ``expert_fn(x_SD, counts)`` receives the token copies sorted by expert
     (``counts[e]`` consecutive rows for expert ``e``) and returns their outputs
     in the same order (see :func:`grouped_mlp`, :func:`per_expert`). With
     ``compute_dtype`` the T tokens are cast before being copied K times.
+    ``grouped`` forces (True) or forbids (False) device-tensor counts; by
+    default :func:`grouped_mm_available` decides.
     """
     T, K = expert_idx_TK.shape
-    p = plan(expert_idx_TK, num_experts)
-    x_SD = x_TD.to(compute_dtype or x_TD.dtype).index_select(0, p.token_S)
-    y_SD = expert_fn(x_SD, p.counts)
+    dt = compute_dtype or x_TD.dtype
+    if grouped is None:
+        grouped = grouped_mm_available(x_TD.device, dt)
+    p = plan(expert_idx_TK, num_experts, host_counts=not grouped)
+    x_SD = x_TD.to(dt).index_select(0, p.token_S)  # the K-fold copy: matmul operands must be contiguous
+    g_S = gates_TK.reshape(-1).index_select(0, p.order_S)
+    counts = p.counts if grouped else Groups(p.counts, g_S)
+    y_SD = expert_fn(x_SD, counts)
+    if not getattr(counts, "gates_applied", False):
+        y_SD = y_SD * g_S.to(y_SD.dtype).unsqueeze(1)
     inverse_S = torch.empty_like(p.order_S)
     inverse_S[p.order_S] = torch.arange(p.order_S.numel(), device=p.order_S.device)
-    y_TKD = y_SD.index_select(0, inverse_S).view(T, K, -1)  # back to (token, slot) order
-    # the weighted sum as one bmm: fp32 accumulation inside, rounded once to the experts' dtype
-    # (no T x K x D fp32 temporaries, which cost more than the sum itself on CPU)
-    y_TD = torch.bmm(gates_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
-    return y_TD.to(x_TD.dtype)
+    acc = torch.promote_types(x_TD.dtype, torch.float32)
+    return _Unpermute.apply(y_SD, inverse_S, p.token_S, K, acc).to(x_TD.dtype)
+
+
+class _Unpermute(torch.autograd.Function):
+    """Sum each token's K gated slot outputs, accumulating in ``acc`` (fp32 for bf16 experts).
+
+    Autograd would scatter-add the gradient of a gather into a zero-filled
+    buffer; the inverse of a permutation is a gather, so backward is one
+    ``index_select`` of the token rows.
+    """
+
+    @staticmethod
+    def forward(ctx, y_SD, inverse_S, token_S, K, acc):
+        ctx.save_for_backward(token_S)
+        ctx.y_dtype = y_SD.dtype
+        return y_SD.index_select(0, inverse_S).view(-1, K, y_SD.shape[1]).sum(1, dtype=acc)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        (token_S,) = ctx.saved_tensors
+        return g_TD.to(ctx.y_dtype).index_select(0, token_S), None, None, None, None
 
 
 def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
@@ -94,15 +150,227 @@ def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     return weight_dtype
 
 
+def host_counts(counts: Counts) -> list[int]:
+    """Counts as a list (a host sync when they are a device tensor)."""
+    return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
+
+
 def per_expert(fn: Callable[[int, torch.Tensor], torch.Tensor]) -> GroupedFn:
     """Adapt ``fn(e, x_slice) -> y_slice`` to the grouped form (empty experts skipped)."""
 
-    def grouped(x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def grouped(x_SD: torch.Tensor, counts: Counts) -> torch.Tensor:
+        counts = host_counts(counts)
         # one split (its backward is one cat), not E slices (each slice's backward zero-fills all of x_SD)
         outs = [fn(e, x_nD) for e, x_nD in enumerate(x_SD.split(counts)) if counts[e]]
         return torch.cat(outs) if outs else x_SD.new_zeros(0, x_SD.shape[1])
 
     return grouped
+
+
+# --- grouped matmul primitives (no autograd; the Functions below own the backward) ---------------
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+def _expert_of_row(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    # output_size keeps repeat_interleave from reading the total back to the host
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=rows)
+
+
+def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch.Tensor | None = None) -> torch.Tensor:
+    """Row block ``e`` of ``a`` times ``b[e]`` (+ ``bias[e]``), one output buffer, no concatenation."""
+    if isinstance(counts, torch.Tensor):
+        out = torch._grouped_mm(a_SK, b_EKN, offs=_offsets(counts))
+        if bias_EN is not None:
+            out += bias_EN.index_select(0, _expert_of_row(counts, a_SK.shape[0]))
+        return out
+    out = a_SK.new_empty(a_SK.shape[0], b_EKN.shape[2])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            end = start + n
+            if bias_EN is None:
+                torch.mm(a_SK[start:end], b_EKN[e], out=out[start:end])
+            else:
+                torch.addmm(bias_EN[e], a_SK[start:end], b_EKN[e], out=out[start:end])
+            start = end
+    return out
+
+
+def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
+    """``a[e-block]^T @ d[e-block]`` for every expert: (E, K, N), zeros for empty experts."""
+    if isinstance(counts, torch.Tensor):
+        return torch._grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
+    out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(a_SK[start:start + n].t(), d_SN[start:start + n], out=out[e])
+            start += n
+    return out
+
+
+def _group_sum(d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
+    """Per-expert sum of rows (the bias gradient): (E, N)."""
+    E = counts.numel() if isinstance(counts, torch.Tensor) else len(counts)
+    out = d_SN.new_zeros(E, d_SN.shape[1])
+    if isinstance(counts, torch.Tensor):
+        return out.index_add_(0, _expert_of_row(counts, d_SN.shape[0]), d_SN)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.sum(d_SN[start:start + n], 0, out=out[e])
+            start += n
+    return out
+
+
+def _activation_grad(activation: Callable, pre: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
+    """``d_act * activation'(pre)``, with the ATen kernels for the common activations."""
+    if activation is F.gelu:
+        return torch.ops.aten.gelu_backward(d_act, pre)
+    if activation is F.relu:
+        return torch.ops.aten.threshold_backward(d_act, pre, 0)
+    if activation is F.silu:
+        return torch.ops.aten.silu_backward(d_act, pre)
+    with torch.enable_grad():
+        leaf = pre.detach().requires_grad_(True)
+        return torch.autograd.grad(activation(leaf), leaf, d_act)[0]
+
+
+def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    return fn() if needed else None
+
+
+def _slices(counts: list[int]):
+    """``(expert, start, end)`` of every non-empty expert's rows in the sorted buffer."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, start, start + n
+            start += n
+
+
+class _GroupedMLP(torch.autograd.Function):
+    """``g_S * (act(x W1_e + b1_e) W2_e + b2_e)``; backward computes only the gradients autograd needs.
+
+    With host counts (CPU) each expert's ops run back to back on its slice
+    while it is in cache (one ``gelu`` over the whole ``S x d_ffn`` buffer
+    streams it through memory twice and measured slower), and the gate is
+    folded in there (``gates_S``; None: ungated). With device counts (GPU)
+    each op is one grouped call over all experts and ``gates_S`` is None.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD, counts, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED):
+        if isinstance(counts, torch.Tensor):
+            pres = [_gmm(x_SD, w1_EDF, counts, b1_EF)]
+            y_SD, us = _gmm(activation(pres[0]), w2_EFD, counts, b2_ED), []
+        else:  # per-expert tensors: addmm without ``out=`` fuses the bias (with it, a bias copy each call)
+            y_SD = x_SD.new_empty(x_SD.shape[0], w2_EFD.shape[2])
+            pres, us = [], []
+            for e, s, t in _slices(counts):
+                pre = _affine(x_SD[s:t], w1_EDF[e], b1_EF, e)
+                if gates_S is None:
+                    y_SD[s:t] = _affine(activation(pre), w2_EFD[e], b2_ED, e)
+                else:  # keep the ungated output u for the gates' gradient
+                    us.append(_affine(activation(pre), w2_EFD[e], b2_ED, e))
+                    torch.mul(us[-1], gates_S[s:t].unsqueeze(1), out=y_SD[s:t])
+                pres.append(pre)
+        weight_grads = any(ctx.needs_input_grad[4:])
+        ctx.save_for_backward(x_SD if weight_grads else None, gates_S, w1_EDF, w2_EFD, *pres, *us)
+        ctx.counts, ctx.activation, ctx.n_pre = counts, activation, len(pres)
+        ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        x_SD, gates_S, w1_EDF, w2_EFD, *rest = ctx.saved_tensors
+        pres, us = rest[:ctx.n_pre], rest[ctx.n_pre:]
+        counts, act = ctx.counts, ctx.activation
+        dy_SD = dy_SD.to(w1_EDF.dtype).contiguous()
+        if not isinstance(counts, torch.Tensor):
+            return _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD)
+        pre_SF = pres[0]
+        need = ctx.needs_input_grad
+        d_act = _gmm(dy_SD, w2_EFD.transpose(1, 2), counts)
+        dw2 = _grad_or_none(need[6], lambda: _gmm_weight_grad(act(pre_SF), dy_SD, counts))
+        db2 = _grad_or_none(need[7] and ctx.has_b2, lambda: _group_sum(dy_SD, counts))
+        d_pre = _activation_grad(act, pre_SF, d_act)
+        del d_act
+        dx = _grad_or_none(need[0], lambda: _gmm(d_pre, w1_EDF.transpose(1, 2), counts))
+        dw1 = _grad_or_none(need[4], lambda: _gmm_weight_grad(x_SD, d_pre, counts))
+        db1 = _grad_or_none(need[5] and ctx.has_b1, lambda: _group_sum(d_pre, counts))
+        return dx, None, None, None, dw1, db1, dw2, db2
+
+
+def _affine(x: torch.Tensor, w: torch.Tensor, b_EN: torch.Tensor | None, e: int) -> torch.Tensor:
+    return x @ w if b_EN is None else torch.addmm(b_EN[e], x, w)
+
+
+def _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD):
+    """Host-count backward, one expert at a time; frozen experts cost two matmuls each.
+
+    With folded gates ``y = g * u`` (``u`` saved): ``dg = dy . u`` and ``du = g * dy``,
+    both on rows of width d_model while the expert's slice is in cache.
+    """
+    need, counts, act = ctx.needs_input_grad, ctx.counts, ctx.activation
+    E, S = w1_EDF.shape[0], dy_SD.shape[0]
+    dx = dy_SD.new_empty(S, w1_EDF.shape[1]) if need[0] else None
+    dg = dy_SD.new_empty(S) if gates_S is not None and need[3] else None
+    dw1 = torch.zeros_like(w1_EDF) if need[4] else None
+    db1 = dy_SD.new_zeros(E, w1_EDF.shape[2]) if need[5] and ctx.has_b1 else None
+    dw2 = torch.zeros_like(w2_EFD) if need[6] else None
+    db2 = dy_SD.new_zeros(E, w2_EFD.shape[2]) if need[7] and ctx.has_b2 else None
+    if dg is not None and sum(counts) < S:
+        dg.zero_()  # unreachable with dispatch's counts; keeps rows no expert owns defined
+    for i, (e, s, t) in enumerate(_slices(counts)):
+        dy, pre = dy_SD[s:t], pres[i]
+        if gates_S is not None:
+            if dg is not None:
+                torch.sum(dy * us[i], 1, out=dg[s:t])
+            dy = dy * gates_S[s:t].unsqueeze(1)
+        if dw2 is not None:
+            torch.mm(act(pre).t(), dy, out=dw2[e])
+        if db2 is not None:
+            torch.sum(dy, 0, out=db2[e])
+        d_pre = _activation_grad(act, pre, dy @ w2_EFD[e].t())
+        if dx is not None:
+            torch.mm(d_pre, w1_EDF[e].t(), out=dx[s:t])
+        if dw1 is not None:
+            torch.mm(x_SD[s:t].t(), d_pre, out=dw1[e])
+        if db1 is not None:
+            torch.sum(d_pre, 0, out=db1[e])
+    return dx, None, None, dg, dw1, db1, dw2, db2
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """``(silu(x Wg_e) * x W1_e) W2_e`` (no biases, the smollm MoE)."""
+
+    @staticmethod
+    def forward(ctx, x_SD, counts, wg_EDF, w1_EDF, w2_EFD):
+        g_SF, u_SF = _gmm(x_SD, wg_EDF, counts), _gmm(x_SD, w1_EDF, counts)
+        y_SD = _gmm(F.silu(g_SF) * u_SF, w2_EFD, counts)
+        ctx.save_for_backward(x_SD, g_SF, u_SF, wg_EDF, w1_EDF, w2_EFD)
+        ctx.counts = counts
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        x_SD, g_SF, u_SF, wg_EDF, w1_EDF, w2_EFD = ctx.saved_tensors
+        counts, need = ctx.counts, ctx.needs_input_grad
+        dy_SD = dy_SD.to(g_SF.dtype).contiguous()
+        d_h = _gmm(dy_SD, w2_EFD.transpose(1, 2), counts)
+        silu_g = F.silu(g_SF)
+        dw2 = _grad_or_none(need[4], lambda: _gmm_weight_grad(silu_g * u_SF, dy_SD, counts))
+        d_u = d_h * silu_g
+        d_g = torch.ops.aten.silu_backward(d_h * u_SF, g_SF)
+        dx = None
+        if need[0]:
+            dx = _gmm(d_g, wg_EDF.transpose(1, 2), counts)
+            dx += _gmm(d_u, w1_EDF.transpose(1, 2), counts)
+        dwg = _grad_or_none(need[2], lambda: _gmm_weight_grad(x_SD, d_g, counts))
+        dw1 = _grad_or_none(need[3], lambda: _gmm_weight_grad(x_SD, d_u, counts))
+        return dx, None, dwg, dw1, dw2
 
 
 @dataclass
@@ -116,57 +384,65 @@ class LoRA:
     scale: float
 
 
-def grouped_mlp(x_SD: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None,
+def _cast(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dt)
+
+
+def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF: torch.Tensor | None,
                 w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None, lora: LoRA | None = None,
                 activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu) -> torch.Tensor:
     """``act(x W1_e + b1_e) W2_e + b2_e`` on each expert's contiguous slice of ``x_SD``.
 
     Computes in the weights' dtype (bf16 storage means bf16 compute), or in
     the autocast dtype inside autocast, and returns that dtype; :func:`dispatch`
-    casts back. Stacked tensors are
-    ``unbind``-ed once so that trainable ones (LoRA, MoE experts) get one
-    gradient buffer, not one full-size zero tensor per expert.
+    casts back. Weights are cast once for all experts (autocast would cast
+    every expert's slice on its own). Frozen weights get no gradient work.
     """
-    # cast once for all experts (autocast would cast every expert's weights and slice on its own)
     dt = compute_dtype(x_SD, w1_EDF.dtype)
-    x_SD, w1_EDF, w2_EFD = x_SD.to(dt), w1_EDF.to(dt), w2_EFD.to(dt)
-    w1s, w2s = w1_EDF.unbind(0), w2_EFD.unbind(0)
-    b1s = b1_EF.to(dt).unbind(0) if b1_EF is not None else None
-    b2s = b2_ED.to(dt).unbind(0) if b2_ED is not None else None
-    ad = [t.to(dt).unbind(0) for t in (lora.a1_EDR, lora.b1_ERF, lora.a2_EFR, lora.b2_ERD)] if lora else None
+    x_SD, w1_EDF, w2_EFD, b1_EF, b2_ED = (_cast(t, dt) for t in (x_SD, w1_EDF, w2_EFD, b1_EF, b2_ED))
+    if lora is not None:
+        return _lora_mlp(x_SD, host_counts(counts), w1_EDF, b1_EF, w2_EFD, b2_ED, lora, activation, dt)
+    gates_S = None
+    if isinstance(counts, Groups) and counts.gates_S is not None:  # fold the gates in (see Groups)
+        gates_S, counts.gates_applied = counts.gates_S.to(dt), True
+    # the Function's ops run on tensors already in dt; autocast must not re-cast them
+    with torch.autocast(x_SD.device.type, enabled=False):
+        return _GroupedMLP.apply(x_SD.contiguous(), counts, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED)
+
+
+def grouped_swiglu(x_SD: torch.Tensor, counts: Counts, wg_EDF: torch.Tensor, w1_EDF: torch.Tensor,
+                   w2_EFD: torch.Tensor) -> torch.Tensor:
+    """``(silu(x Wg_e) * (x W1_e)) W2_e`` per expert slice; dtype rules as :func:`grouped_mlp`."""
+    dt = compute_dtype(x_SD, w1_EDF.dtype)
+    x_SD, wg_EDF, w1_EDF, w2_EFD = (t.to(dt) for t in (x_SD, wg_EDF, w1_EDF, w2_EFD))
+    with torch.autocast(x_SD.device.type, enabled=False):
+        return _GroupedSwiGLU.apply(x_SD.contiguous(), counts, wg_EDF, w1_EDF, w2_EFD)
+
+
+def _lora_mlp(x_SD, counts: list[int], w1_EDF, b1_EF, w2_EFD, b2_ED, lora: LoRA, activation, dt) -> torch.Tensor:
+    """The LoRA ablation: plain autograd over per-expert ops (adapters are trainable)."""
+    w1s, w2s = w1_EDF.unbind(0), w2_EFD.unbind(0)  # one gradient buffer per stacked tensor, not per expert
+    b1s = b1_EF.unbind(0) if b1_EF is not None else None
+    b2s = b2_ED.unbind(0) if b2_ED is not None else None
+    ad = [t.to(dt).unbind(0) for t in (lora.a1_EDR, lora.b1_ERF, lora.a2_EFR, lora.b2_ERD)]
 
     def expert(e: int, x: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(b1s[e], x, w1s[e]) if b1s is not None else x @ w1s[e]
-        if ad is not None:
-            h = h + lora.scale * ((x @ ad[0][e]) @ ad[1][e])
-        h = activation(h)
+        h = activation(h + lora.scale * ((x @ ad[0][e]) @ ad[1][e]))
         y = torch.addmm(b2s[e], h, w2s[e]) if b2s is not None else h @ w2s[e]
-        if ad is not None:
-            y = y + lora.scale * ((h @ ad[2][e]) @ ad[3][e])
-        return y
+        return y + lora.scale * ((h @ ad[2][e]) @ ad[3][e])
 
     return per_expert(expert)(x_SD, counts)
 
 
-def grouped_swiglu(x_SD: torch.Tensor, counts: list[int], w_gate_EDF: torch.Tensor, w_up_EDF: torch.Tensor,
-                   w_down_EFD: torch.Tensor) -> torch.Tensor:
-    """SwiGLU experts (smollm backbone, no biases): ``(silu(x Wg_e) * (x Wu_e)) Wd_e`` per slice.
-
-    Same dtype rules and single ``unbind`` as :func:`grouped_mlp`.
-    """
-    dt = compute_dtype(x_SD, w_up_EDF.dtype)
-    x_SD = x_SD.to(dt)
-    wgs, wus, wds = (w.to(dt).unbind(0) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
-
-    def expert(e: int, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ wgs[e]) * (x @ wus[e])) @ wds[e]
-
-    return per_expert(expert)(x_SD, counts)
-
-
-def padded_bmm_mlp(x_SD: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, b1_EF: torch.Tensor,
+def padded_bmm_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF: torch.Tensor,
                    w2_EFD: torch.Tensor, b2_ED: torch.Tensor) -> torch.Tensor:
-    """The alternative measured above: pad every expert to the largest count, two ``baddbmm``."""
+    """Reference alternative: pad every expert to the largest count, two ``baddbmm``.
+
+    Its cost grows with routing imbalance (every expert is padded to the
+    busiest one; SoME runs reach usage Gini 0.98), so it is not used.
+    """
+    counts = host_counts(counts)
     E, cap = len(counts), max(counts)
     counts_E = torch.tensor(counts, device=x_SD.device)
     expert_S = torch.repeat_interleave(torch.arange(E, device=x_SD.device), counts_E)
@@ -176,31 +452,3 @@ def padded_bmm_mlp(x_SD: torch.Tensor, counts: list[int], w1_EDF: torch.Tensor, 
     h_ECF = F.gelu(torch.baddbmm(b1_EF.unsqueeze(1), buf_ECD, w1_EDF))
     y_ECD = torch.baddbmm(b2_ED.unsqueeze(1), h_ECF, w2_EFD)
     return y_ECD[expert_S, rank_S]
-
-
-def benchmark(T: int = 4096, D: int = 256, E: int = 64, K: int = 4, F_: int = 512, reps: int = 5) -> None:
-    """Print forward+backward milliseconds of the loop vs the padded bmm (balanced and skewed routing)."""
-    import time
-
-    g = torch.Generator().manual_seed(0)
-    w1, w2 = torch.randn(E, D, F_, generator=g) / D ** 0.5, torch.randn(E, F_, D, generator=g) / F_ ** 0.5
-    b1, b2 = torch.zeros(E, F_), torch.zeros(E, D)
-    skew_E = torch.arange(1, E + 1, dtype=torch.float).pow(-1.5)  # Zipf-like usage
-    for name, weights_E in (("balanced", torch.ones(E)), ("skewed", skew_E)):
-        idx_TK = torch.stack([torch.multinomial(weights_E, K, generator=g) for _ in range(T)])
-        gates_TK = torch.softmax(torch.randn(T, K, generator=g), -1)
-        x_TD = torch.randn(T, D, generator=g, requires_grad=True)
-        fns = {"loop": lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2),
-               "padded_bmm": lambda x, c: padded_bmm_mlp(x, c, w1, b1, w2, b2)}
-        for fn_name, fn in fns.items():
-            dispatch(x_TD, idx_TK, gates_TK, fn, E).sum().backward()  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                dispatch(x_TD, idx_TK, gates_TK, fn, E).sum().backward()
-            ms = (time.perf_counter() - t0) / reps * 1e3
-            print(f"{name:9s} {fn_name:10s} {ms:8.1f} ms  (max slots/expert "
-                  f"{int(torch.bincount(idx_TK.flatten(), minlength=E).max())}, threads {torch.get_num_threads()})")
-
-
-if __name__ == "__main__":
-    benchmark()
