@@ -76,6 +76,7 @@ def test_tiny_transition_end_to_end_and_resume(tmp_path, data_cache, capsys):
     assert s["boundary_jump"] == pytest.approx(s["phase2_first_loss"] - s["phase1_final_loss"])
     first = json.loads((out / "moe" / "first_step.json").read_text())
     assert first["step"] == 1 and first["loss"] == s["phase2_first_loss"]
+    assert (out / "transition.png").is_file() and (out / "moe" / "summary.txt").is_file()
     samples = (out / "samples.txt").read_text()
     assert "phase 1 (dense)" in samples and "phase 2 (MoE)" in samples and samples.count("->") == 6
 

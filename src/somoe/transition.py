@@ -8,6 +8,7 @@ Layout of the output folder::
     OUT/training_history.jsonl both phases' train/eval records, ``global_step`` continuing across
     OUT/boundary.json          the boundary summary (also printed and in OUT/summary.txt)
     OUT/samples.txt            greedy samples after each phase
+    OUT/transition.png         train/val loss of both phases against the global step
 
 Phase 2 starts with gating noise off (``model.moe.noise_start_step >= 1``) and
 evaluates the upcycled model before its first update, so the first phase-2
@@ -161,6 +162,31 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_history(out: Path, history: list[dict], boundary_step: int) -> Path:
+    """Train and validation loss of both phases against the global step, the boundary marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, phase in enumerate(("dense", "moe")):
+        train = [r for r in history if r["phase"] == phase and r.get("kind") == "train"]
+        evals = [r for r in history if r["phase"] == phase and r.get("kind") == "eval"]
+        ax.plot([r["global_step"] for r in train], [r["loss"] for r in train], color=f"C{i}", alpha=0.6,
+                label=f"{phase} train")
+        ax.plot([r["global_step"] for r in evals], [r["val_loss"] for r in evals], "o--", color=f"C{i}",
+                label=f"{phase} val")
+    ax.axvline(boundary_step, color="grey", linestyle=":", label="upcycling")
+    ax.set(xlabel="optimizer step (both phases)", ylabel="loss (nats/token)", title="dense -> MoE transition")
+    ax.legend()
+    fig.tight_layout()
+    path = out / "transition.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _banner(log, title: str) -> None:
     log("=" * 64)
     log(f"  {title}")
@@ -228,7 +254,12 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
     link_checkpoint(list_checkpoints(moe_dir)[-1], out / "checkpoints" / "moe_final")
     samples["moe"] = greedy_samples(phase2.model, phase2.data.tokenizer, cfg)
 
+    from .report import write_report
+
+    for phase in ("dense", "moe"):
+        write_report(out / phase)  # each phase's summary.txt and metrics.png
     history = write_history(out, phase1.total_steps)
+    plot_history(out, history, phase1.total_steps)
     summary = boundary_summary(history, verification)
     (out / "boundary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     text = [format_summary(summary)]
