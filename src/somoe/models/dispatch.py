@@ -58,8 +58,10 @@ def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True
     """Sort the flattened slots by expert id (stable) and count slots per expert."""
     flat_S = expert_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts)
-    counts = counts_E.tolist() if host_counts else counts_E
+    if host_counts:
+        counts = torch.bincount(flat_S, minlength=num_experts).tolist()
+    else:  # CUDA bincount reads the maximum back to size its output: a host sync
+        counts = flat_S.new_zeros(num_experts).scatter_add_(0, flat_S, torch.ones_like(flat_S))
     return Plan(order_S, order_S // expert_idx_TK.shape[1], flat_S[order_S], counts)
 
 

@@ -1,0 +1,169 @@
+"""The fast dispatch paths against a naive per-token loop: gates folded per expert, trainable
+weights (MoE), SwiGLU, grouped-matmul (device counts) path, degenerate routing, no host sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from somoe.models.dispatch import Groups, dispatch, grouped_mlp, grouped_swiglu
+
+T, D, E, K, FF = 29, 8, 5, 2, 12
+
+
+def weights(seed=0, dtype=torch.float32, trainable=False):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(E, D, FF, generator=g) / D ** 0.5, torch.randn(E, FF, generator=g) * 0.1,
+          torch.randn(E, FF, D, generator=g) / FF ** 0.5, torch.randn(E, D, generator=g) * 0.1]
+    return [w.to(dtype).requires_grad_(trainable) for w in ws]
+
+
+def routing(seed=1, pick=None):
+    g = torch.Generator().manual_seed(seed)
+    idx_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    if pick is not None:  # every token's first slot goes to one expert
+        idx_TK[:, 0] = pick
+        idx_TK[:, 1] = torch.where(idx_TK[:, 1] == pick, (pick + 1) % E, idx_TK[:, 1])
+    gates_TK = torch.softmax(torch.randn(T, K, generator=g), -1).requires_grad_(True)
+    return idx_TK, gates_TK
+
+
+def naive_mlp(x_TD, idx_TK, gates_TK, w1, b1, w2, b2, act=F.gelu):
+    out = []
+    for t in range(x_TD.shape[0]):
+        y = x_TD.new_zeros(D)
+        for j in range(idx_TK.shape[1]):
+            e = int(idx_TK[t, j])
+            h = act(x_TD[t] @ w1[e].float() + b1[e].float())
+            y = y + gates_TK[t, j] * (h @ w2[e].float() + b2[e].float())
+        out.append(y)
+    return torch.stack(out)
+
+
+def grads(y, inputs, probe):
+    return torch.autograd.grad((y * probe).sum(), inputs)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_trainable_expert_gradients_match_naive(grouped):
+    """MoE experts are parameters: dW1, db1, dW2, db2, dx and the gates' gradient all match."""
+    ws = weights(trainable=True)
+    idx_TK, gates_TK = routing()
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    probe = torch.randn(T, D, generator=torch.Generator().manual_seed(3))
+    y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, grouped=grouped)
+    ref = naive_mlp(x, idx_TK, gates_TK, *ws)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in zip(grads(y, [x, gates_TK, *ws], probe), grads(ref, [x, gates_TK, *ws], probe)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("pick", [0, 3])
+def test_one_expert_takes_every_token_and_others_stay_empty(pick):
+    """All tokens' first slot on one expert; with K=2 at most E-1 others share the rest."""
+    ws = weights(seed=4)
+    idx_TK, gates_TK = routing(seed=5, pick=pick)
+    idx_TK[:, 1] = (pick + 1) % E  # two experts used, three empty
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    probe = torch.randn(T, D)
+    y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E)
+    ref = naive_mlp(x, idx_TK, gates_TK, *ws)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in zip(grads(y, [x, gates_TK], probe), grads(ref, [x, gates_TK], probe)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_relu_and_a_custom_activation_use_the_right_derivative():
+    ws = weights(seed=7)
+    idx_TK, gates_TK = routing(seed=8)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(9), requires_grad=True)
+    probe = torch.randn(T, D)
+    for act in (F.relu, torch.tanh):
+        y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws, activation=act), E)
+        ref = naive_mlp(x, idx_TK, gates_TK, *ws, act=act)
+        assert torch.allclose(y, ref, atol=1e-5)
+        assert torch.allclose(grads(y, [x], probe)[0], grads(ref, [x], probe)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_swiglu_matches_naive_with_weight_gradients(grouped):
+    g = torch.Generator().manual_seed(10)
+    wg, w1 = (torch.randn(E, D, FF, generator=g) / D ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, FF, D, generator=g) / FF ** 0.5
+    ws = [w.requires_grad_(True) for w in (wg, w1, w2)]
+    idx_TK, gates_TK = routing(seed=11)
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    probe = torch.randn(T, D, generator=g)
+    y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_swiglu(s, c, *ws), E, grouped=grouped)
+    rows = []
+    for t in range(T):
+        rows.append(sum(gates_TK[t, j] * ((F.silu(x[t] @ wg[e]) * (x[t] @ w1[e])) @ w2[e])
+                        for j, e in enumerate(idx_TK[t].tolist())))
+    ref = torch.stack(rows)
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in zip(grads(y, [x, gates_TK, *ws], probe), grads(ref, [x, gates_TK, *ws], probe)):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bf16_frozen_experts_gradients_within_bf16_tolerance():
+    ws = weights(seed=12, dtype=torch.bfloat16)
+    idx_TK, gates_TK = routing(seed=13)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    probe = torch.randn(T, D)
+    y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, torch.bfloat16)
+    ref = naive_mlp(x, idx_TK, gates_TK, *ws)
+    assert y.dtype == torch.float32
+    assert (y - ref).abs().max() < 0.03 * ref.abs().max()
+    for got, want in zip(grads(y, [x, gates_TK], probe), grads(ref, [x, gates_TK], probe)):
+        assert (got - want).abs().max() < 0.03 * want.abs().max()
+
+
+def test_frozen_backward_runs_only_input_gradient_matmuls():
+    """Frozen experts: per non-empty expert 2 forward + 2 backward matmuls, nothing for weights."""
+    ws = weights(seed=15)
+    idx_TK, gates_TK = routing(seed=16)
+    x = torch.randn(T, D, requires_grad=True)
+    used = int(torch.bincount(idx_TK.flatten(), minlength=E).gt(0).sum())
+    with torch.profiler.profile() as prof:
+        dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E).sum().backward()
+    calls = {ev.key: ev.count for ev in prof.key_averages()}
+    assert calls.get("aten::mm", 0) + calls.get("aten::addmm", 0) == 4 * used
+    assert all(w.grad is None for w in ws)
+
+
+def test_groups_carry_gates_and_are_applied_once():
+    """An expert_fn that does not fold gates still gets them applied by dispatch, exactly once."""
+    ws = weights(seed=17)
+    idx_TK, gates_TK = routing(seed=18)
+    x = torch.randn(T, D)
+    seen = []
+
+    def plain(x_SD, counts):
+        seen.append(isinstance(counts, Groups) and list(counts) == torch.bincount(idx_TK.flatten(), minlength=E).tolist())
+        outs = [F.gelu(xs @ ws[0][e] + ws[1][e]) @ ws[2][e] + ws[3][e] for e, xs in enumerate(x_SD.split(counts))]
+        return torch.cat(outs)
+
+    y = dispatch(x, idx_TK, gates_TK, plain, E)
+    assert seen == [True]
+    assert torch.allclose(y, naive_mlp(x, idx_TK, gates_TK, *ws), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_dispatch_has_no_host_sync_and_captures_in_a_graph():
+    dev = torch.device("cuda")
+    ws = [w.to(dev) for w in weights(seed=19, dtype=torch.bfloat16)]
+    idx_TK, gates_TK = (t.detach().to(dev) for t in routing(seed=20))
+    x = torch.randn(T, D, device=dev)
+    ref = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, torch.bfloat16)
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the hot path raises
+    try:
+        dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        out = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, torch.bfloat16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, ref, atol=1e-2)
