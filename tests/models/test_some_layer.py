@@ -219,7 +219,7 @@ def test_dot_scores_temperature_and_aux_loss_by_hand():
     x = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     s = 1 / (math.sqrt(2) * 2.0)  # 1 / (sqrt(d) * tau)
     expected = [[2 * s, 0.0, -2 * s], [0.0, s, -s]]
-    scores, _ = layer._scores(x)
+    scores, *_ = layer._scores(x)
     assert torch.allclose(scores, torch.tensor(expected), atol=1e-6)
     _, aux = layer(x)
     # top-1 picks expert 0 then expert 1: f = (1/2, 1/2, 0); P = mean of the full softmax rows
@@ -227,7 +227,7 @@ def test_dot_scores_temperature_and_aux_loss_by_hand():
     P = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
     assert aux.item() == pytest.approx(0.1 * 3 * (0.5 * P[0] + 0.5 * P[1]), rel=1e-5)
     layer.eval()  # eval temperature 0.5 and no aux loss
-    scores_eval, _ = layer._scores(x)
+    scores_eval, *_ = layer._scores(x)
     assert torch.allclose(scores_eval, torch.tensor(expected) * 4.0, atol=1e-5)
     assert layer(x)[1] is None
 
@@ -238,7 +238,7 @@ def test_cosine_scores_use_unit_queries_and_keys():
         layer.query.weight.copy_(torch.eye(2))
         layer.query.bias.zero_()
         layer.key_store.copy_(torch.tensor([[3.0, 0.0], [0.0, 0.5]]))
-    scores, _ = layer._scores(torch.tensor([[5.0, 5.0]]))
+    scores, *_ = layer._scores(torch.tensor([[5.0, 5.0]]))
     assert torch.allclose(scores, torch.tensor([[1 / math.sqrt(2)] * 2]), atol=1e-6)  # tau 1
 
 
@@ -352,3 +352,30 @@ def test_impossible_settings_fail_with_one_clear_line(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as err:
         load_config(preset="debug", overrides=["model.ffn=some", override, *extra])
     assert "\n" not in str(err.value)
+
+
+def test_centered_queries_route_on_the_offset_from_the_running_mean():
+    """center_queries: the centre is the mean raw query of the first update, then an EMA (decay 0.5)."""
+    layer = make_layer(d_model=2, num_experts=2, top_k=1, gamma=0.0, key_norm=True, center_queries=True,
+                       center_decay=0.5, alpha=0.0, alpha_floor=0.0, beta=0.0, delta=0.0)
+    with torch.no_grad():
+        layer.query.weight.copy_(torch.eye(2))
+        layer.query.bias.zero_()
+        layer.key_store.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    x = torch.tensor([[10.0, 1.0], [8.0, -1.0]])  # both point along +x: uncentred, both pick expert 0
+    assert layer.route(x)[0].flatten().tolist() == [0, 0]
+    layer(x)
+    layer.self_organize(1, 10)
+    assert layer.query_center.tolist() == [9.0, 0.0]  # first update: the mean raw query itself
+    # centred: (1, 1) and (-1, -1) -> cosines (1/sqrt2, -1/sqrt2) and the reverse: experts 0 and 1
+    assert layer.route(x)[0].flatten().tolist() == [0, 1]
+    scores, *_ = layer._scores(x)
+    assert torch.allclose(scores, torch.tensor([[1.0, -1.0], [-1.0, 1.0]]) / math.sqrt(2), atol=1e-6)
+    layer(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))  # mean raw query (2, 3)
+    layer.self_organize(2, 10)
+    assert torch.allclose(layer.query_center, torch.tensor([0.5 * 9 + 0.5 * 2, 0.5 * 0 + 0.5 * 3]))
+    center = layer.query_center.clone()
+    layer.eval()
+    layer(x)  # eval forwards never move the centre
+    layer.train()
+    assert torch.equal(layer.query_center, center)

@@ -62,7 +62,7 @@ def test_statistics_and_peer_rule_from_a_hand_routing():
     q_TD = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 0.0]])
     idx_TK = torch.tensor([[0, 2], [2, 3]])
     gates_TK = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
-    layer._accumulate(q_TD, idx_TK, gates_TK)
+    layer._accumulate(q_TD, q_TD, idx_TK, gates_TK)
     # Sq_e = sum of g * q over the tokens that chose e
     assert torch.allclose(layer.stat_q_sum, torch.tensor(
         [[0.75, 1.5, 2.25], [0, 0, 0], [0.25, 1.0, 0.75], [0.0, 0.5, 0.0]]))

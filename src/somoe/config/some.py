@@ -28,6 +28,8 @@ class SoMEConfig:
     query_net: Literal["linear", "mlp"] = "linear"
     query_hidden: int = 0  # hidden width of the mlp query net; 0 = d_model
     score: Literal["dot", "cosine"] = "dot"  # dot: q.K/sqrt(d); cosine (also implied by key_norm): unit q, unit K
+    center_queries: bool = False  # score q - c (c: running mean query) so a direction shared by every token cannot decide the routing
+    center_decay: float = 0.9  # per-update EMA decay of the query centre c
     router_temperature_train: float = 1.0
     router_temperature_eval: float = 0.5
     learnable_tau: bool = False  # a learnable log_tau multiplies both temperatures by exp(log_tau)
@@ -74,6 +76,8 @@ class SoMEConfig:
             raise ConfigError(f"model.some.sparsity={self.sparsity} must be in [0, 1)")
         if not 0.0 < self.update_token_fraction <= 1.0:
             raise ConfigError("model.some.update_token_fraction must be in (0, 1]")
+        if not 0.0 <= self.center_decay < 1.0:
+            raise ConfigError(f"model.some.center_decay={self.center_decay} must be in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"model.some.ema_decay={self.ema_decay} must be in [0, 1)")
         if self.update_every < 1:

@@ -39,7 +39,7 @@ KEY_SEED_OFFSET = 1_000_003
 SAMPLE_SEED_OFFSET = 2_000_003
 LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
 STATISTICS = ("stat_q_sum", "stat_gate", "stat_count", "stat_peer_sum", "stat_peer_mass",
-              "stat_q_total", "stat_tokens", "stat_gate_entropy")
+              "stat_q_total", "stat_tokens", "stat_gate_entropy", "stat_q_raw_total")
 
 
 @dataclass
@@ -89,12 +89,13 @@ class SoMELayer(FFN):
         self.register_buffer("key_store", torch.empty(E, D))
         self.register_buffer("usage_ema", torch.empty(E))
         self.register_buffer("query_mean_ema", torch.empty(D))  # decay target of dormant keys
+        self.register_buffer("query_center", torch.empty(D))  # running mean of raw queries (center_queries)
         self.register_buffer("dormant_streak", torch.empty(E, dtype=torch.int64))  # updates dormant in a row
         self.register_buffer("key_drift", torch.empty(()))  # mean ||dk_e|| of the last update
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
         if self.cfg.key_ema > 0:
             self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
-        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), ()]):
+        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), (), (D,)]):
             self.register_buffer(name, torch.empty(shape), persistent=False)
 
     def _register_experts(self, E: int, D: int) -> None:
@@ -129,7 +130,7 @@ class SoMELayer(FFN):
         if c.key_ema > 0:
             self.key_route.copy_(keys_ED)
         self.usage_ema.fill_(1.0 / E)
-        for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
+        for name in ("query_mean_ema", "query_center", "dormant_streak", "key_drift", "som_updates"):
             getattr(self, name).zero_()
         if self.log_tau is not None:
             self.log_tau.zero_()
@@ -189,16 +190,18 @@ class SoMELayer(FFN):
     def routing_keys(self) -> torch.Tensor:
         return self.key_route if self.cfg.key_ema > 0 else self.key_store
 
-    def _scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores_TE / tau, the query each score used: unit-norm when cosine)."""
-        q_TD = self.query(x_TD)
+    def _scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores_TE / tau, the query each score used: centred, then unit-norm when cosine; the raw query)."""
+        q_raw_TD = q_TD = self.query(x_TD)
+        if self.cfg.center_queries:
+            q_TD = q_TD - self.query_center.to(q_TD.dtype)
         keys_ED = self.routing_keys()
         if self.cfg.cosine_scores:
             q_TD = F.normalize(q_TD, dim=-1)
             scores_TE = q_TD @ F.normalize(keys_ED, dim=-1).t().to(q_TD.dtype)
         else:
             scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
-        return scores_TE / self.temperature(), q_TD
+        return scores_TE / self.temperature(), q_TD, q_raw_TD
 
     def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         top_TK, idx_TK = scores_TE.topk(self.top_k_now, dim=-1)
@@ -207,7 +210,7 @@ class SoMELayer(FFN):
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert indices and gates (``x.shape[:-1] + (k_t,)``) under the current mode's temperature."""
-        scores_TE, _ = self._scores(x.reshape(-1, self.d_model))
+        scores_TE, _, _ = self._scores(x.reshape(-1, self.d_model))
         idx_TK, gates_TK = self._select(scores_TE)
         return idx_TK.view(*x.shape[:-1], -1), gates_TK.view(*x.shape[:-1], -1)
 
@@ -223,7 +226,7 @@ class SoMELayer(FFN):
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x_TD = x_BTD.reshape(-1, self.d_model)
-        scores_TE, q_TD = self._scores(x_TD)
+        scores_TE, q_TD, q_raw_TD = self._scores(x_TD)
         idx_TK, gates_TK = self._select(scores_TE)
         y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype))
@@ -231,7 +234,7 @@ class SoMELayer(FFN):
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
             self._record_readouts(idx_TK, gates_TK)
             if self._gathering():
-                self._accumulate(q_TD, idx_TK, gates_TK)
+                self._accumulate(q_TD, q_raw_TD, idx_TK, gates_TK)
         return y_TD.view_as(x_BTD), aux
 
     def _aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
@@ -248,16 +251,19 @@ class SoMELayer(FFN):
         return self.cfg.adapt_at_inference
 
     @torch.no_grad()
-    def _accumulate(self, q_TD: torch.Tensor, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
+    def _accumulate(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
+                    gates_TK: torch.Tensor) -> None:
         with torch.autocast(q_TD.device.type, enabled=False):  # fp32 sums even inside a bf16 forward
-            self._accumulate_fp32(q_TD.detach().float(), idx_TK, gates_TK.detach().float())
+            self._accumulate_fp32(q_TD.detach().float(), q_raw_TD.detach().float(), idx_TK,
+                                  gates_TK.detach().float())
 
-    def _accumulate_fp32(self, q_TD: torch.Tensor, idx_TK: torch.Tensor, g_TK: torch.Tensor) -> None:
+    def _accumulate_fp32(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
+                         g_TK: torch.Tensor) -> None:
         if self.cfg.update_token_fraction < 1.0:
             T = q_TD.shape[0]
             m = max(1, round(self.cfg.update_token_fraction * T))
             rows = torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values.to(q_TD.device)
-            q_TD, idx_TK, g_TK = q_TD[rows], idx_TK[rows], g_TK[rows]
+            q_TD, q_raw_TD, idx_TK, g_TK = q_TD[rows], q_raw_TD[rows], idx_TK[rows], g_TK[rows]
         T, K = idx_TK.shape
         e_S = idx_TK.reshape(-1)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
@@ -272,6 +278,8 @@ class SoMELayer(FFN):
             self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
         self.stat_q_total += q_TD.sum(0)
+        if self.cfg.center_queries:
+            self.stat_q_raw_total += q_raw_TD.sum(0)
         self.stat_tokens += T
         self.stat_gate_entropy += rules.gate_entropy_TK(g_TK).sum()
 
@@ -342,11 +350,16 @@ class SoMELayer(FFN):
         self.som_updates += 1
 
     def _update_query_mean(self) -> None:
-        mean_D = self.stat_q_total / self.stat_tokens.clamp_min(1.0)
-        if int(self.som_updates) == 0:
-            self.query_mean_ema.copy_(mean_D)  # no EMA bias toward the zero it starts from
-        else:
-            self.query_mean_ema.mul_(self.cfg.ema_decay).add_((1.0 - self.cfg.ema_decay) * mean_D)
+        tokens = self.stat_tokens.clamp_min(1.0)
+        first = int(self.som_updates) == 0  # no EMA bias toward the zero they start from
+        for ema, total, decay in ((self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay),
+                                  (self.query_center, self.stat_q_raw_total, self.cfg.center_decay)):
+            if ema is self.query_center and not self.cfg.center_queries:
+                continue
+            if first:
+                ema.copy_(total / tokens)
+            else:
+                ema.mul_(decay).add_((1.0 - decay) * total / tokens)
 
     def _entropy_band(self, top_k: int) -> None:
         """Nudge log_tau so the mean gate entropy stays in the band (off while top-k warms up)."""
