@@ -1,0 +1,105 @@
+"""Interleaved timing, matmul ceiling, ratios and the human table shared by the benches."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+# transformers rows are skipped (with this note) when the optional extra is missing
+HF_MISSING = "transformers not installed (pip install 'somoe[bench]'): its rows are skipped"
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fns: dict[str, Callable[[], object]], reps: int, device: torch.device,
+            warmup: int = 1) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU milliseconds of each callable, run round-robin.
+
+    Interleaving puts every implementation under the same background load
+    (the dev box's cores are shared); the median drops one-off stalls.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall[name].append((time.perf_counter() - w0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return {k: {"ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k])} for k in fns}
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16: autocast for the trainable parts (fp32 master weights); fp32: nothing."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def matmul_ceiling(device: torch.device, dtype: str, n: int = 1024, reps: int = 5) -> float:
+    """FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` right now: the machine's own ceiling."""
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=tdt)
+    b = torch.randn(n, n, device=device, dtype=tdt)
+    ms = measure({"mm": lambda: a @ b}, reps, device)["mm"]["ms"]
+    return 2 * n ** 3 / (ms / 1e3)
+
+
+def add_ratios(rows: list[dict], reference: str, keys: tuple[str, ...], field: str = "ms",
+               higher_is_better: bool = False) -> None:
+    """Set ``reference`` and ``ratio`` on every row: its ``field`` over the reference row's with equal ``keys``.
+
+    For times (``ms``) ratio < 1 means faster than the reference; for rates
+    (``tokens_per_s``, ``higher_is_better``) ratio > 1 means faster.
+    """
+    refs = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == reference}
+    for r in rows:
+        ref = refs.get(tuple(r[k] for k in keys))
+        if ref is None or not ref.get(field):
+            continue
+        r["reference"] = reference
+        r["ratio"] = r[field] / ref[field]
+
+
+def add_mfu(rows: list[dict], ceilings: dict[str, float], seconds_field: str = "ms") -> None:
+    """Achieved model FLOP/s (``flops`` per call / time) and its fraction of the dtype's matmul ceiling."""
+    for r in rows:
+        if r.get("flops") and r.get(seconds_field):
+            r["flop_s"] = r["flops"] / (r[seconds_field] / 1e3)
+            r["ceiling_flop_s"] = ceilings[r["dtype"]]
+            r["mfu"] = r["flop_s"] / r["ceiling_flop_s"]
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """Fixed-width text table of ``columns`` (missing values blank)."""
+
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""Model FLOPs (multiply-add = 2) of one forward+backward, counted from shapes.
+
+Backward costs two matmuls per forward matmul when the weight is trained
+(input and weight gradients) and one when it is frozen (input gradient only);
+attention score/value products count like matmuls. Elementwise work is not counted.
+"""
+
+from __future__ import annotations
+
+
+def linear(tokens: int, d_in: int, d_out: int, trained: bool = True, backward: bool = True) -> int:
+    fwd = 2 * tokens * d_in * d_out
+    return fwd * (1 + (2 if trained else 1)) if backward else fwd
+
+
+def dense_ffn(T: int, d: int, hidden: int, gated: bool = False, backward: bool = True) -> int:
+    return (3 if gated else 2) * linear(T, d, hidden, backward=backward)
+
+
+def some_layer(T: int, d: int, E: int, k: int, d_ffn: int) -> int:
+    """Query net (d x d, trained), scores against E keys (the query's gradient), frozen experts."""
+    router = linear(T, d, d) + 2 * T * d * E * 2
+    return router + 2 * linear(T * k, d, d_ffn, trained=False)
+
+
+def moe_layer(T: int, d: int, E: int, k: int, d_ffn: int, gated: bool = False) -> int:
+    return linear(T, d, E) + (3 if gated else 2) * linear(T * k, d, d_ffn)
+
+
+def transformer(tokens: int, d: int, n_layers: int, vocab: int, seq: int, ffn_per_layer: int,
+                backward: bool = True) -> int:
+    """Attention projections, causal score/value products (half of T^2), FFN and head."""
+    mult = 3 if backward else 1
+    proj = linear(tokens, d, 4 * d, backward=backward)
+    attn = 2 * tokens * seq * d * mult  # QK^T and AV over a causal half: 2 * (T^2/2) * d * 2 per sequence
+    head = linear(tokens, d, vocab, backward=backward)
+    return n_layers * (proj + attn + ffn_per_layer) + head

@@ -1,0 +1,140 @@
+"""``somoe bench train``: tokens/s of whole training steps (forward, backward, clip, AdamW, SoME rules).
+
+Our models come from the presets (random token batches of the preset's
+batch size and sequence length); the reference is our GPT-2 baseline
+(``cpu_gpt2``) in the same dtype. ``transformers``' ``GPT2LMHeadModel`` runs
+at each GPT-2 preset's size (its learned positions and tied head differ
+slightly in parameter count; both are reported).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import flops
+from .common import HF_MISSING, add_mfu, autocast, hf_available, matmul_ceiling, measure
+
+DEFAULT_PRESETS = ("cpu_gpt2", "cpu_some", "quickstart")
+REFERENCE = "cpu_gpt2"
+
+
+def _our_step(model, optimizer, x, y, device, dtype):
+    from ..models.ffn import SelfOrganizing
+
+    organizers = [m for m in model.ffns() if isinstance(m, SelfOrganizing)]
+
+    def run():
+        with autocast(device, dtype):
+            out = model(x, y)
+        loss = out.ce_loss if out.aux_loss is None else out.ce_loss + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for layer in organizers:
+            layer.self_organize(1, 100)
+
+    return run
+
+
+def _hf_step(model, optimizer, x, device, dtype):
+    def run():
+        with autocast(device, dtype):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return run
+
+
+def hf_gpt2(model_cfg, device) -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model_cfg
+    cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layers,
+                     n_head=c.n_heads, n_inner=c.ffn_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).to(device).train()
+
+
+def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
+    """Model FLOPs of one step (or forward) from the config: dense, MoE or SoME FFN per layer."""
+    c, T = model_cfg, batch * seq
+    if c.ffn == "some":
+        s = c.some
+        ffn = flops.some_layer(T, c.d_model, s.num_experts, s.top_k, s.d_ffn)
+        if not backward:
+            ffn = flops.linear(T, c.d_model, c.d_model, backward=False) + 2 * flops.linear(
+                T * s.top_k, c.d_model, s.d_ffn, backward=False)
+    elif c.ffn == "moe":
+        gated = c.activation == "swiglu"
+        m = c.moe
+        width = m.d_ffn or c.ffn_hidden
+        ffn = (3 if gated else 2) * flops.linear(T * m.top_k, c.d_model, width, backward=backward)
+    else:
+        ffn = flops.dense_ffn(T, c.d_model, c.ffn_hidden, gated=c.activation == "swiglu", backward=backward)
+    return flops.transformer(T, c.d_model, c.n_layers, c.vocab_size, seq, ffn, backward=backward)
+
+
+def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3, device: str = "cpu",
+                overrides: tuple[str, ...] = (), notes: list[str] | None = None) -> list[dict]:
+    """One row per (preset, dtype) plus ``transformers_gpt2@<preset>`` for GPT-2 presets."""
+    from ..config import load_config
+    from ..models.transformer import build_model
+
+    dev = torch.device(device)
+    with_hf = hf_available()
+    if not with_hf and notes is not None:
+        notes.append(HF_MISSING)
+    presets = list(dict.fromkeys([REFERENCE, *presets]))
+    rows: list[dict] = []
+    ceilings = {dt: matmul_ceiling(dev, dt) for dt in dtypes}
+    for dtype in dtypes:
+        fns, meta = {}, {}
+        for name in presets:
+            cfg = load_config(preset=name, overrides=list(overrides))
+            B, T = cfg.train.batch_size, cfg.data.seq_len
+            torch.manual_seed(0)
+            model = build_model(cfg.model, dev).train()
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            x = torch.randint(0, cfg.model.vocab_size, (B, T), device=dev)
+            fns[name] = _our_step(model, opt, x, x, dev, dtype)
+            meta[name] = (cfg, model.param_counts())
+            if with_hf and cfg.model.ffn == "dense" and cfg.model.backbone == "gpt2":
+                hf = hf_gpt2(cfg.model, dev)
+                hf_name = f"transformers_gpt2@{name}"
+                fns[hf_name] = _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), x, dev, dtype)
+                n = sum(p.numel() for p in hf.parameters())
+                meta[hf_name] = (cfg, {"total": n, "trainable": n})
+        times = measure(fns, reps, dev)
+        for name, t in times.items():
+            cfg, counts = meta[name]
+            B, T = cfg.train.batch_size, cfg.data.seq_len
+            rows.append({"bench": "train", "impl": name, "dtype": dtype, "preset": name.split("@")[-1],
+                         "batch": B, "seq_len": T, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
+                         "params_total": counts["total"], "params_trainable": counts["trainable"], **t,
+                         "tokens_per_s": B * T / (t["ms"] / 1e3), "flops": model_flops(cfg.model, B, T),
+                         "threads": torch.get_num_threads(), "device": dev.type})
+    _ratios(rows)
+    add_mfu(rows, ceilings)
+    return rows
+
+
+def _ratios(rows: list[dict]) -> None:
+    """tokens/s over the reference's: cpu_gpt2 for our presets, our own preset for transformers' rows;
+    ``vs_fp32`` on bf16 rows (the same impl's fp32 tokens/s)."""
+    by = {(r["impl"], r["dtype"]): r for r in rows}
+    for r in rows:
+        ref_impl = r["preset"] if r["impl"].startswith("transformers") else REFERENCE
+        ref = by.get((ref_impl, r["dtype"]))
+        if ref is not None:
+            r["reference"], r["ratio"] = ref_impl, r["tokens_per_s"] / ref["tokens_per_s"]
+        fp32 = by.get((r["impl"], "fp32"))
+        if r["dtype"] != "fp32" and fp32 is not None:
+            r["vs_fp32"] = r["tokens_per_s"] / fp32["tokens_per_s"]
+
+
+COLUMNS = ["impl", "dtype", "batch", "seq_len", "params_trainable", "ms", "tokens_per_s", "reference", "ratio",
+           "vs_fp32", "mfu"]

@@ -1,0 +1,144 @@
+"""``somoe bench layer|train|generate|memory``: speed against references run in the same process, and memory.
+
+Each prints a table (and notes, e.g. skipped ``transformers`` rows); with
+``--json`` one object ``{"rows": [...]}`` on stdout (notes go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="speed/memory benchmarks (vs dense, GPT-2 and transformers)")
+    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory}")
+
+    def common(q, reps: int):
+        q.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of a table')
+        q.add_argument("--quick", action="store_true", help="a small grid / few presets / fewer repetitions")
+        q.add_argument("--reps", type=int, default=reps, help="timed repetitions per implementation (median)")
+        q.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
+        q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+        q.add_argument("--device", default="cpu")
+
+    q = kinds.add_parser("layer", help="FFN layer forward+backward: SoME, MoE, dense, transformers' Mixtral block")
+    common(q, 5)
+    q.add_argument("--grid", default="", help="E:k pairs, e.g. 8:2,64:4,128:8 (default; --quick: 64:4)")
+    q.add_argument("--tokens", type=int, default=4096)
+    q.add_argument("--d-model", type=int, default=256)
+    q.add_argument("--d-ffn", type=int, default=512)
+    q.set_defaults(func=cmd_layer)
+
+    q = kinds.add_parser("train", help="tokens/s of training steps: presets vs cpu_gpt2 and transformers' GPT-2")
+    common(q, 3)
+    q.add_argument("--presets", default="", help="comma list (default cpu_gpt2,cpu_some,quickstart)")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset, e.g. train.batch_size=8")
+    q.set_defaults(func=cmd_train)
+
+    q = kinds.add_parser("generate", help="KV-cache generation tokens/s vs transformers' generate")
+    common(q, 3)
+    q.add_argument("--preset", default="cpu_gpt2")
+    q.add_argument("--batch", type=int, default=8)
+    q.add_argument("--prompt-len", type=int, default=32)
+    q.add_argument("--new-tokens", type=int, default=64)
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.set_defaults(func=cmd_generate)
+
+    q = kinds.add_parser("memory", help="parameter/optimizer/checkpoint bytes and a measured CPU step")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--preset", default="seed000_some", help="comma list of presets")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--seq-len", type=int, default=0, help="0: the preset's data.seq_len")
+    q.add_argument("--no-measure", action="store_true", help="count only (meta device, no forward/backward)")
+    q.add_argument("--budget-gib", type=float, default=24.0)
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.set_defaults(func=cmd_memory)
+
+
+def _dtypes(args) -> tuple[str, ...]:
+    from ..config import ConfigError
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    bad = [d for d in dtypes if d not in ("fp32", "bf16")]
+    if bad or not dtypes:
+        raise ConfigError(f"--dtypes {args.dtypes!r}: use a comma list of fp32 and bf16")
+    return dtypes
+
+
+def _setup(args) -> None:
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+
+def _grid(text: str) -> tuple[tuple[int, int], ...]:
+    from ..config import ConfigError
+
+    try:
+        pairs = tuple(tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip())
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 or p[0] < 1 or not 1 <= p[1] <= p[0] for p in pairs):
+        raise ConfigError(f"--grid {text!r}: give E:k pairs with 1 <= k <= E, e.g. --grid 8:2,64:4")
+    return pairs
+
+
+def _emit(args, rows: list[dict], columns: list[str], notes: list[str]) -> int:
+    from ..bench.common import table
+
+    if args.json:
+        print(json.dumps({"rows": rows}))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        print(table(rows, columns))
+        for note in notes:
+            print(f"note: {note}")
+    return 0
+
+
+def cmd_layer(args) -> int:
+    from ..bench import layer
+
+    _setup(args)
+    grid = _grid(args.grid) if args.grid else (layer.QUICK_GRID if args.quick else layer.DEFAULT_GRID)
+    notes: list[str] = []
+    rows = layer.bench_layer(grid, _dtypes(args), args.tokens, args.d_model, args.d_ffn,
+                             reps=min(args.reps, 3) if args.quick else args.reps, device=args.device, notes=notes)
+    return _emit(args, rows, layer.COLUMNS, notes)
+
+
+def cmd_train(args) -> int:
+    from ..bench import train
+
+    _setup(args)
+    presets = tuple(p for p in args.presets.split(",") if p) or (
+        ("cpu_gpt2", "cpu_some") if args.quick else train.DEFAULT_PRESETS)
+    notes: list[str] = []
+    rows = train.bench_train(presets, _dtypes(args), reps=min(args.reps, 2) if args.quick else args.reps,
+                             device=args.device, overrides=tuple(args.overrides), notes=notes)
+    return _emit(args, rows, train.COLUMNS, notes)
+
+
+def cmd_generate(args) -> int:
+    from ..bench import generate
+
+    _setup(args)
+    notes: list[str] = []
+    new_tokens = min(args.new_tokens, 16) if args.quick else args.new_tokens
+    rows = generate.bench_generate(args.preset, _dtypes(args), args.batch, args.prompt_len, new_tokens,
+                                   reps=min(args.reps, 2) if args.quick else args.reps, device=args.device,
+                                   overrides=tuple(args.overrides), notes=notes)
+    return _emit(args, rows, generate.COLUMNS, notes)
+
+
+def cmd_memory(args) -> int:
+    from ..bench import memory
+
+    rows = [memory.memory_report(p, args.batch, args.seq_len or None, not args.no_measure, tuple(args.overrides),
+                                 args.budget_gib) for p in args.preset.split(",") if p]
+    notes = [f"{r['preset']}: peak RSS {r['rss_peak_bytes'] / memory.GIB:.2f} GiB of a {args.budget_gib:g} GiB budget "
+             f"(fits: {r['fits_budget']})" for r in rows if "rss_peak_bytes" in r]
+    return _emit(args, rows, memory.COLUMNS, notes)
