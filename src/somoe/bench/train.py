@@ -54,7 +54,8 @@ def hf_gpt2(model_cfg, device) -> torch.nn.Module:
 
     c = model_cfg
     cfg = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model, n_layer=c.n_layers,
-                     n_head=c.n_heads, n_inner=c.ffn_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                     n_head=c.n_heads, n_inner=c.ffn_hidden, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "sdpa"
     return GPT2LMHeadModel(cfg).to(device).train()
 
