@@ -2,33 +2,37 @@
 
 One permutation per forward: the ``T*K`` token slots are sorted by expert id
 (stable argsort, so slots of one expert keep token order); experts run on
-contiguous slices of the sorted buffer; the outputs are scaled by their gates
-and scatter-added (``index_add``, fp32 accumulation) straight into the token
-rows. No per-token Python.
+contiguous slices of the sorted buffer; each slot's output is scaled by its
+gate and the K slots of a token are gathered back and summed with fp32
+accumulation (:class:`_Unpermute`, whose backward is one gather). No
+per-token Python.
 
 **Expert groups.** ``expert_fn(x_SD, counts)`` gets the sorted token copies and
-``counts`` (slots per expert), either a Python ``list[int]`` (CPU: one host
-sync per forward, then a loop of matmuls writing into preallocated slices) or
-a device tensor (CUDA with bf16 compute: ``torch._grouped_mm`` over the
-offsets, so the hot path has no ``.item()``/``.tolist()`` and can be captured
-in a CUDA graph). :func:`grouped_mlp` and :func:`grouped_swiglu` accept both.
+``counts`` (slots per expert): on CPU a :class:`Groups` (a ``list[int]``, one
+host sync per forward, that also carries the sorted gates so that
+:func:`grouped_mlp` folds them in per expert); on CUDA with bf16 compute a
+device tensor, and every expert op is one ``torch._grouped_mm`` over the
+offsets: no ``.item()``/``.tolist()`` in the hot path, capturable in a CUDA
+graph. :func:`grouped_mlp` and :func:`grouped_swiglu` accept both.
 
 **Frozen experts** (buffers, ``requires_grad=False``: SoME) go through a custom
-autograd function whose backward does only the two input-gradient matmuls;
-weight gradients are computed only for the weights autograd asks for
-(trainable MoE experts). It saves the pre-activation and recomputes the
-activation in backward (one elementwise op instead of an ``S x d_ffn`` buffer).
+autograd function whose backward runs only the two input-gradient matmuls
+per expert; weight gradients are computed only for the weights autograd asks
+for (trainable MoE experts). On CPU each expert's ops run back to back on its
+slice while it is in cache; the function saves the pre-activation (and the
+ungated output, for the gates' gradient) and never the weights' copies.
 Weights stored in bf16 are computed in bf16 (CPU AMX, GPU tensor cores);
 inside autocast the autocast dtype is used; the result is cast back to the
 input dtype.
 
-Why not autograd over per-expert ops (the previous version): on the 2 shared
-CPU cores each op is a parallel region, and the ``split``/``cat`` of E slices
-plus E small ``gelu`` calls cost more than the matmuls when the cores are
-contended; a ``bmm`` over T (1 x K) @ (K x D) products for the gate sum is a
-Python-speed loop inside ATen on CPU. The custom function runs 2E matmuls and
-one elementwise op per pass, writing in place. Figures: docs/benchmarks.md
-(``somoe bench layer``).
+Why not plain autograd over per-expert ops (the previous version): its
+``split``/``cat`` of E slices and per-op autograd bookkeeping cost more than
+the matmuls on the 2 shared CPU cores (a 32 MB ``cat`` took up to 0.5 s under
+contention), and a ``bmm`` over T (1 x K) @ (K x D) products for the gate sum
+is a slow per-matrix loop on CPU. Figures: docs/benchmarks.md (``somoe bench
+layer``). Not done: prepacking frozen bf16 weights for oneDNN
+(``mkldnn._reorder_linear_weight``) measured 8.6 ms vs 14.5 ms for 64 experts'
+first matmul, but costs a packed copy of every expert.
 """
 
 from __future__ import annotations
