@@ -379,3 +379,17 @@ def test_centered_queries_route_on_the_offset_from_the_running_mean():
     layer(x)  # eval forwards never move the centre
     layer.train()
     assert torch.equal(layer.query_center, center)
+
+
+def test_layer_scale_multiplies_the_output_per_channel_and_trains():
+    plain = make_layer(num_experts=4, top_k=2)
+    scaled = make_layer(num_experts=4, top_k=2, layer_scale=0.1)
+    assert plain.out_scale is None and scaled.out_scale.tolist() == pytest.approx([0.1] * D)
+    scaled.load_state_dict({**plain.state_dict(), "out_scale": scaled.out_scale.detach()})
+    with torch.no_grad():
+        scaled.out_scale.copy_(torch.linspace(0.1, 0.5, D))
+    x = rand(5, D)
+    y_plain, y_scaled = plain(x)[0], scaled(x)[0]
+    assert torch.allclose(y_scaled, y_plain * torch.linspace(0.1, 0.5, D), atol=1e-6)
+    y_scaled.pow(2).sum().backward()
+    assert scaled.out_scale.grad is not None and float(scaled.out_scale.grad.abs().sum()) > 0

@@ -251,3 +251,25 @@ def test_update_every_skips_statistics_and_rules_on_other_steps():
     layer.set_progress(2, 100)
     layer(x)
     assert float(layer.stat_tokens) == 5.0
+
+
+def test_dormant_keys_reseeded_toward_sampled_queries():
+    """decay_target=sample: each dormant key moves toward a query drawn from the step's tokens.
+
+    With one token per micro-batch every draw is that token's query, so the target is known:
+    after two micro-batches with queries a and b it is (a + b) / 2 for every dormant expert.
+    """
+    layer = tiny_layer(decay=True, delta=0.5, theta=1.5, decay_target="sample", usage_ema=False)
+    a, b = torch.tensor([[0.0, 2.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0]])
+    layer._accumulate(a, a, torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]))
+    layer._accumulate(b, b, torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]]))
+    assert layer.stat_sample_draws.item() == 2.0
+    assert torch.allclose(layer.stat_q_samples, (a + b).expand(4, 3))
+    layer.self_organize(0, 100)
+    # usage (no EMA) = routed share 2/4 for experts 0 and 3; slots per step 4 -> 2 >= theta 1.5: awake.
+    # Experts 1 and 2 routed nothing: dormant, k <- 0.5 k + 0.5 (0, 1, 2)
+    target = torch.tensor([0.0, 1.0, 2.0])
+    expected = KEYS.clone()
+    expected[1] = 0.5 * KEYS[1] + 0.5 * target
+    expected[2] = 0.5 * KEYS[2] + 0.5 * target
+    assert torch.allclose(layer.key_store, expected, atol=1e-6)

@@ -48,8 +48,14 @@ def test_grad_accumulation_moves_keys_as_one_big_batch(tmp_path, data_cache):
     assert torch.allclose(keys_of(a.model), keys_of(b.model), atol=1e-5)
 
 
-def test_resume_reproduces_keys_and_losses(tmp_path, data_cache):
-    overrides = (*SOME, "train.max_steps=6", "train.ckpt_every=3", "train.eval_every=0")
+# the cpu_some additions: LayerScale, centred queries, dormant keys re-seeded at sampled queries
+CPU_SOME_EXTRAS = ("model.some.layer_scale=0.01", "model.some.center_queries=true", "model.some.center_decay=0.5",
+                   "model.some.decay_target=sample", "model.some.theta=64", "model.some.delta=0.05")
+
+
+@pytest.mark.parametrize("extras", [(), CPU_SOME_EXTRAS], ids=["seed-rules", "cpu-some-extras"])
+def test_resume_reproduces_keys_and_losses(tmp_path, data_cache, extras):
+    overrides = (*SOME, *extras, "train.max_steps=6", "train.ckpt_every=3", "train.eval_every=0")
     quiet(tiny_config(data_cache, *overrides), tmp_path / "full").fit()
     part = quiet(tiny_config(data_cache, *overrides), tmp_path / "part")
     for _ in range(3):

@@ -22,6 +22,7 @@ class SoMEConfig:
     expert_seed: int = 1234  # layer i draws its experts from a CPU generator seeded expert_seed + i
     expert_dtype: Literal["fp32", "bf16"] = "fp32"  # storage/compute dtype of the frozen experts
     save_experts: Literal["seed", "weights"] = "seed"  # checkpoints store the seed (+hash) or the weights
+    layer_scale: float = 0.0  # > 0: a trained per-channel gain on the layer's output, initialised to this (LayerScale)
     lora_rank: int = 0  # LoRA adapters on experts (0 = off)
     lora_alpha: float = 1.0
     # --- router --------------------------------------------------------------
@@ -52,6 +53,7 @@ class SoMEConfig:
     decay: bool = True
     delta: float = 0.001
     theta: float = 0.0  # dormant if usage_ema * (slots routed this step) < theta (MVP runs: 200); 0 = percentile
+    decay_target: Literal["mean", "sample"] = "mean"  # dormant keys move toward the mean query, or each toward a random query of the step (k-means re-seeding)
     theta_percentile: float = 0.05  # else the floor(p*E) least-used experts (strictly below the next) are dormant
     # --- stability controls ----------------------------------------------------
     key_norm: bool = True  # L2-normalise keys after every update (cosine scoring)
@@ -88,7 +90,7 @@ class SoMEConfig:
 
     def _validate_rules(self) -> None:
         for name in ("alpha", "alpha_floor", "gamma", "beta", "delta", "delta_clip", "theta", "lora_rank",
-                     "aux_loss_coef", "entropy_band_rate", "som_warmup_steps", "query_hidden"):
+                     "aux_loss_coef", "entropy_band_rate", "som_warmup_steps", "query_hidden", "layer_scale"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"model.some.{name}={getattr(self, name)} must be >= 0")
         for name in ("alpha", "gamma", "delta"):

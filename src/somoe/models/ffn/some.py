@@ -39,7 +39,8 @@ KEY_SEED_OFFSET = 1_000_003
 SAMPLE_SEED_OFFSET = 2_000_003
 LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
 STATISTICS = ("stat_q_sum", "stat_gate", "stat_count", "stat_peer_sum", "stat_peer_mass",
-              "stat_q_total", "stat_tokens", "stat_gate_entropy", "stat_q_raw_total")
+              "stat_q_total", "stat_tokens", "stat_gate_entropy", "stat_q_raw_total", "stat_q_samples",
+              "stat_sample_draws")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class SoMELayer(FFN):
         self.layer_idx, self.d_model = layer_idx, cfg.d_model
         E, D = c.num_experts, cfg.d_model
         self.query = build_query_net(c, D)
+        # LayerScale (Touvron et al., 2021): frozen experts are variance-preserving, so unscaled they
+        # would swamp a residual stream initialised at std 0.02; the trained gain lets the model decide
+        self.out_scale = nn.Parameter(torch.empty(D)) if c.layer_scale > 0 else None
         if c.learnable_tau:
             self.log_tau = nn.Parameter(torch.zeros(()))
         elif c.entropy_band_on:  # the entropy-band controller alone moves it
@@ -95,7 +99,7 @@ class SoMELayer(FFN):
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
         if self.cfg.key_ema > 0:
             self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
-        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), (), (D,)]):
+        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), (), (D,), (E, D), ()]):
             self.register_buffer(name, torch.empty(shape), persistent=False)
 
     def _register_experts(self, E: int, D: int) -> None:
@@ -134,6 +138,8 @@ class SoMELayer(FFN):
             getattr(self, name).zero_()
         if self.log_tau is not None:
             self.log_tau.zero_()
+        if self.out_scale is not None:
+            self.out_scale.fill_(c.layer_scale)
         if self.lora_a1 is not None:  # A small random, B zero: the adapters start as a no-op
             nn.init.normal_(self.lora_a1, std=1.0 / math.sqrt(self.d_model))
             nn.init.normal_(self.lora_a2, std=1.0 / math.sqrt(c.d_ffn))
@@ -230,6 +236,8 @@ class SoMELayer(FFN):
         idx_TK, gates_TK = self._select(scores_TE)
         y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype))
+        if self.out_scale is not None:
+            y_TD = y_TD * self.out_scale.to(y_TD.dtype)
         aux = self._aux_loss(scores_TE, idx_TK) if self.training and self.cfg.aux_loss_coef > 0 else None
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
             self._record_readouts(idx_TK, gates_TK)
@@ -278,10 +286,26 @@ class SoMELayer(FFN):
             self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
         self.stat_q_total += q_TD.sum(0)
+        if self.cfg.decay and self.cfg.decay_target == "sample":
+            self._draw_query_samples(q_TD)
         if self.cfg.center_queries:
             self.stat_q_raw_total += q_raw_TD.sum(0)
         self.stat_tokens += T
         self.stat_gate_entropy += rules.gate_entropy_TK(g_TK).sum()
+
+    def _draw_query_samples(self, q_TD: torch.Tensor) -> None:
+        """One random query per expert (``decay_target=sample``), summed over micro-batches and ranks.
+
+        The rows come from a generator seeded by (seed, layer, update count, draw), so a resumed
+        run draws the same rows as an uninterrupted one; ranks draw the same row numbers of
+        their own batches, and the all-reduced mean is a mean of real queries.
+        """
+        seed = (self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET
+                + 7919 * int(self.som_updates) + int(self.stat_sample_draws))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        rows_E = torch.randint(0, q_TD.shape[0], (self.cfg.num_experts,), generator=gen, device="cpu")
+        self.stat_q_samples += q_TD[rows_E.to(q_TD.device)]
+        self.stat_sample_draws += 1
 
     def som_statistics(self) -> list[torch.Tensor]:
         """The accumulators, for the trainer's in-place SUM all-reduce."""
@@ -337,7 +361,9 @@ class SoMELayer(FFN):
         dormant_E = rules.dormant_mask(self.usage_ema, slots / c.update_token_fraction, c.theta, c.theta_percentile)
         self.dormant_streak.copy_(torch.where(dormant_E, self.dormant_streak + 1, 0))
         if c.decay:
-            delta_ED += rules.decay_delta(keys_ED, dormant_E, self.query_mean_ema, r.delta)
+            target = (self.stat_q_samples / self.stat_sample_draws.clamp_min(1.0) if c.decay_target == "sample"
+                      else self.query_mean_ema)
+            delta_ED += rules.decay_delta(keys_ED, dormant_E, target, r.delta)
         new_ED = keys_ED + rules.clip_rows(delta_ED, c.delta_clip)
         if c.key_norm:
             new_ED = F.normalize(new_ED, dim=1)

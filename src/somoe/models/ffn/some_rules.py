@@ -124,10 +124,13 @@ def dormant_mask(usage_E: torch.Tensor, slots_per_step: float, theta: float,
     return usage_E < threshold
 
 
-def decay_delta(keys_ED: torch.Tensor, dormant_E: torch.Tensor, target_D: torch.Tensor,
+def decay_delta(keys_ED: torch.Tensor, dormant_E: torch.Tensor, target: torch.Tensor,
                 delta: float) -> torch.Tensor:
-    """``delta * (target - k_e)`` for dormant experts: ``k <- (1-delta) k + delta * target``."""
-    move_ED = delta * (target_D.unsqueeze(0) - keys_ED)
+    """``delta * (target - k_e)`` for dormant experts: ``k <- (1-delta) k + delta * target``.
+
+    ``target`` is one point for every expert (D) or one per expert (E x D).
+    """
+    move_ED = delta * ((target if target.dim() == 2 else target.unsqueeze(0)) - keys_ED)
     return torch.where(dormant_E.unsqueeze(1), move_ED, torch.zeros_like(keys_ED))
 
 
