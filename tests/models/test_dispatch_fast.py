@@ -3,6 +3,8 @@ weights (MoE), SwiGLU, grouped-matmul (device counts) path, degenerate routing, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -167,3 +169,38 @@ def test_cuda_dispatch_has_no_host_sync_and_captures_in_a_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.allclose(out, ref, atol=1e-2)
+
+
+def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts():
+    """Under bf16 autocast, fp32-stored frozen experts are cast per expert, never saved cast for backward."""
+    ws = weights(seed=21)
+    idx_TK, gates_TK = routing(seed=22)
+    x = torch.randn(T, D, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        from somoe.models.dispatch import compute_dtype
+        y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, compute_dtype(x, ws[0].dtype))
+    y.sum().backward()
+    assert (torch.float32, (E, D, FF)) in saved  # the stored buffers themselves (no copy)
+    # bf16 saved: pre-activations (S x FF), ungated outputs (S x D), gates (S); nothing weight-sized
+    S = T * K
+    assert sum(math.prod(shape) for dt, shape in saved if dt == torch.bfloat16) == S * FF + S * D + S
+    assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_autocast_trainable_fp32_experts_get_fp32_gradients():
+    ws = weights(seed=23, trainable=True)
+    idx_TK, gates_TK = routing(seed=24)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(25))
+    probe = torch.randn(T, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, torch.bfloat16)
+    got = grads(y, ws, probe)
+    want = grads(naive_mlp(x, idx_TK, gates_TK, *ws), ws, probe)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and (g - w).abs().max() < 0.03 * w.abs().max()

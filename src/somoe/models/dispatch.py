@@ -268,23 +268,26 @@ class _GroupedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, counts, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED):
+        # Weights arrive in their storage dtype and are cast to x's dtype here (per expert on CPU):
+        # a cast copy saved for backward would duplicate fp32-stored frozen experts under autocast.
+        dt = x_SD.dtype
         if isinstance(counts, torch.Tensor):
-            pres = [_gmm(x_SD, w1_EDF, counts, b1_EF)]
-            y_SD, us = _gmm(activation(pres[0]), w2_EFD, counts, b2_ED), []
+            pres = [_gmm(x_SD, w1_EDF.to(dt), counts, _cast(b1_EF, dt))]
+            y_SD, us = _gmm(activation(pres[0]), w2_EFD.to(dt), counts, _cast(b2_ED, dt)), []
         else:  # per-expert tensors: addmm without ``out=`` fuses the bias (with it, a bias copy each call)
             y_SD = x_SD.new_empty(x_SD.shape[0], w2_EFD.shape[2])
             pres, us = [], []
             for e, s, t in _slices(counts):
-                pre = _affine(x_SD[s:t], w1_EDF[e], b1_EF, e)
+                pre = _affine(x_SD[s:t], w1_EDF[e].to(dt), b1_EF, e)
                 if gates_S is None:
-                    y_SD[s:t] = _affine(activation(pre), w2_EFD[e], b2_ED, e)
+                    y_SD[s:t] = _affine(activation(pre), w2_EFD[e].to(dt), b2_ED, e)
                 else:  # keep the ungated output u for the gates' gradient
-                    us.append(_affine(activation(pre), w2_EFD[e], b2_ED, e))
+                    us.append(_affine(activation(pre), w2_EFD[e].to(dt), b2_ED, e))
                     torch.mul(us[-1], gates_S[s:t].unsqueeze(1), out=y_SD[s:t])
                 pres.append(pre)
         weight_grads = any(ctx.needs_input_grad[4:])
         ctx.save_for_backward(x_SD if weight_grads else None, gates_S, w1_EDF, w2_EFD, *pres, *us)
-        ctx.counts, ctx.activation, ctx.n_pre = counts, activation, len(pres)
+        ctx.counts, ctx.activation, ctx.n_pre, ctx.dt = counts, activation, len(pres), dt
         ctx.has_b1, ctx.has_b2 = b1_EF is not None, b2_ED is not None
         return y_SD
 
@@ -293,10 +296,11 @@ class _GroupedMLP(torch.autograd.Function):
         x_SD, gates_S, w1_EDF, w2_EFD, *rest = ctx.saved_tensors
         pres, us = rest[:ctx.n_pre], rest[ctx.n_pre:]
         counts, act = ctx.counts, ctx.activation
-        dy_SD = dy_SD.to(w1_EDF.dtype).contiguous()
+        dy_SD = dy_SD.to(ctx.dt).contiguous()
         if not isinstance(counts, torch.Tensor):
             return _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD)
-        pre_SF = pres[0]
+        # gradients come back in the compute dtype; autograd casts them to the weights' dtype
+        pre_SF, w1_EDF, w2_EFD = pres[0], w1_EDF.to(ctx.dt), w2_EFD.to(ctx.dt)
         need = ctx.needs_input_grad
         d_act = _gmm(dy_SD, w2_EFD.transpose(1, 2), counts)
         dw2 = _grad_or_none(need[6], lambda: _gmm_weight_grad(act(pre_SF), dy_SD, counts))
@@ -310,7 +314,15 @@ class _GroupedMLP(torch.autograd.Function):
 
 
 def _affine(x: torch.Tensor, w: torch.Tensor, b_EN: torch.Tensor | None, e: int) -> torch.Tensor:
-    return x @ w if b_EN is None else torch.addmm(b_EN[e], x, w)
+    return x @ w if b_EN is None else torch.addmm(b_EN[e].to(x.dtype), x, w)
+
+
+def _mm_into(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``dst = a @ b``; through a temporary when ``dst`` keeps the weights' (wider) dtype."""
+    if dst.dtype == a.dtype:
+        torch.mm(a, b, out=dst)
+    else:
+        dst.copy_(a @ b)
 
 
 def _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD):
@@ -336,14 +348,14 @@ def _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD)
                 torch.sum(dy * us[i], 1, out=dg[s:t])
             dy = dy * gates_S[s:t].unsqueeze(1)
         if dw2 is not None:
-            torch.mm(act(pre).t(), dy, out=dw2[e])
+            _mm_into(dw2[e], act(pre).t(), dy)
         if db2 is not None:
             torch.sum(dy, 0, out=db2[e])
-        d_pre = _activation_grad(act, pre, dy @ w2_EFD[e].t())
+        d_pre = _activation_grad(act, pre, dy @ w2_EFD[e].to(ctx.dt).t())
         if dx is not None:
-            torch.mm(d_pre, w1_EDF[e].t(), out=dx[s:t])
+            torch.mm(d_pre, w1_EDF[e].to(ctx.dt).t(), out=dx[s:t])
         if dw1 is not None:
-            torch.mm(x_SD[s:t].t(), d_pre, out=dw1[e])
+            _mm_into(dw1[e], x_SD[s:t].t(), d_pre)
         if db1 is not None:
             torch.sum(d_pre, 0, out=db1[e])
     return dx, None, None, dg, dw1, db1, dw2, db2
@@ -401,12 +413,14 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
 
     Computes in the weights' dtype (bf16 storage means bf16 compute), or in
     the autocast dtype inside autocast, and returns that dtype; :func:`dispatch`
-    casts back. Weights are cast once for all experts (autocast would cast
-    every expert's slice on its own). Frozen weights get no gradient work.
+    casts back. Weights are cast one expert at a time inside the autograd
+    function and never saved cast (fp32-stored frozen experts are not
+    duplicated in bf16 for backward). Frozen weights get no gradient work.
     """
     dt = compute_dtype(x_SD, w1_EDF.dtype)
-    x_SD, w1_EDF, w2_EFD, b1_EF, b2_ED = (_cast(t, dt) for t in (x_SD, w1_EDF, w2_EFD, b1_EF, b2_ED))
+    x_SD = x_SD.to(dt)
     if lora is not None:
+        w1_EDF, w2_EFD, b1_EF, b2_ED = (_cast(t, dt) for t in (w1_EDF, w2_EFD, b1_EF, b2_ED))
         return _lora_mlp(x_SD, host_counts(counts), w1_EDF, b1_EF, w2_EFD, b2_ED, lora, activation, dt)
     gates_S = None
     if isinstance(counts, Groups) and counts.gates_S is not None:  # fold the gates in (see Groups)
