@@ -1,10 +1,9 @@
-"""The built-in story generator: deterministic, prefix-stable, distinct, story-shaped, fast."""
+"""The built-in story generator: deterministic, prefix-stable, distinct, story-shaped."""
 
 from __future__ import annotations
 
 import random
 import re
-import time
 
 import pytest
 
@@ -13,16 +12,14 @@ from somoe.data.builtin_corpus import BOYS, GIRLS, PET_NAMES
 
 
 @pytest.fixture(scope="module")
-def ten_k() -> tuple[list[str], float]:
-    t0 = time.perf_counter()
-    stories = generate_stories(10_000, 0)
-    return stories, time.perf_counter() - t0
+def ten_k() -> tuple[list[str], None]:
+    # no timing assertion here: unit tests must not depend on machine load (speed lives in benchmarks)
+    return generate_stories(10_000, 0), None
 
 
-def test_ten_thousand_distinct_and_fast(ten_k):
-    stories, seconds = ten_k
+def test_ten_thousand_distinct(ten_k):
+    stories, _ = ten_k
     assert len(stories) == 10_000 and len(set(stories)) == 10_000
-    assert seconds < 2.0, f"10k stories took {seconds:.2f}s"
 
 
 def test_story_shape(ten_k):
