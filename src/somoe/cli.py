@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -75,7 +76,11 @@ def cmd_train(args) -> int:
         if trainer.dist.is_main:
             print(write_report(run_dir), end="")
     finally:
-        cleanup()  # leave the process group before exit: an abandoned gloo group can abort at shutdown
+        # drop the DDP wrapper (it holds the process group) before leaving the group: a gloo
+        # group torn down by the interpreter at exit can abort the process
+        del trainer
+        gc.collect()
+        cleanup()
     return 0
 
 

@@ -62,5 +62,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group together: a rank that tears gloo down while its peer is still
+    using the connection can abort the peer ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -93,7 +93,8 @@ class SoMELayer(FFN):
         self.register_buffer("key_store", torch.empty(E, D))
         self.register_buffer("usage_ema", torch.empty(E))
         self.register_buffer("query_mean_ema", torch.empty(D))  # decay target of dormant keys
-        self.register_buffer("query_center", torch.empty(D))  # running mean of raw queries (center_queries)
+        if self.cfg.center_queries:  # only then: checkpoints of uncentred layers keep their key set
+            self.register_buffer("query_center", torch.empty(D))  # running mean of the raw queries
         self.register_buffer("dormant_streak", torch.empty(E, dtype=torch.int64))  # updates dormant in a row
         self.register_buffer("key_drift", torch.empty(()))  # mean ||dk_e|| of the last update
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
@@ -134,8 +135,10 @@ class SoMELayer(FFN):
         if c.key_ema > 0:
             self.key_route.copy_(keys_ED)
         self.usage_ema.fill_(1.0 / E)
-        for name in ("query_mean_ema", "query_center", "dormant_streak", "key_drift", "som_updates"):
+        for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
             getattr(self, name).zero_()
+        if c.center_queries:
+            self.query_center.zero_()
         if self.log_tau is not None:
             self.log_tau.zero_()
         if self.out_scale is not None:
@@ -378,10 +381,10 @@ class SoMELayer(FFN):
     def _update_query_mean(self) -> None:
         tokens = self.stat_tokens.clamp_min(1.0)
         first = int(self.som_updates) == 0  # no EMA bias toward the zero they start from
-        for ema, total, decay in ((self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay),
-                                  (self.query_center, self.stat_q_raw_total, self.cfg.center_decay)):
-            if ema is self.query_center and not self.cfg.center_queries:
-                continue
+        pairs = [(self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay)]
+        if self.cfg.center_queries:
+            pairs.append((self.query_center, self.stat_q_raw_total, self.cfg.center_decay))
+        for ema, total, decay in pairs:
             if first:
                 ema.copy_(total / tokens)
             else:
