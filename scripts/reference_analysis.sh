@@ -5,7 +5,7 @@
 # trained under an older cpu_some preset (or other overrides) is retrained from scratch.
 #
 #   scripts/reference_analysis.sh                       # 400 steps (cpu_some's budget)
-#   STEPS=200 scripts/reference_analysis.sh             # shorter (what docs/analysis/ was made with)
+#   STEPS=200 scripts/reference_analysis.sh             # shorter (docs/analysis/ used the default 400)
 #   scripts/reference_analysis.sh model.some.top_k=4    # extra overrides for the training run
 #
 # Env: DATA (folder with train.txt, dev.txt), OOD (text file), RUN (run folder), OUT (figures),
