@@ -119,7 +119,7 @@ def _trim(tokens: list[int], eos_id: int, stop_at_eos: bool) -> list[int]:
     return tokens
 
 
-@torch.no_grad()
+@torch.inference_mode()  # cheaper than no_grad per op: no version counters, no view tracking
 def generate_ids(model: nn.Module, prompts: list[list[int]], gen: GenerationConfig, eos_id: int,
                  pad_id: int) -> list[list[int]]:
     """Continue each prompt; returns only the new tokens (cut before EOS when ``gen.stop_at_eos``).

@@ -71,12 +71,14 @@ class KVCache:
         self.valid_BL = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0  # positions filled so far
         self.max_len = max_len
+        self._mask: tuple[tuple, torch.Tensor] | None = None  # (key, mask) shared by the layers of one step
 
     def append_valid(self, valid_BT: torch.Tensor) -> None:
         t = valid_BT.shape[1]
         if self.length + t > self.max_len:
             raise ValueError(f"KV cache full: {self.length}+{t} > {self.max_len}; raise max_new_tokens budget")
         self.valid_BL[:, self.length:self.length + t] = valid_BT
+        self._mask = None
 
     def update(self, layer: int, k_BHTS: torch.Tensor, v_BHTS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k_BHTS.shape[2]
@@ -85,8 +87,20 @@ class KVCache:
         end = self.length + t
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def attention_mask(self, t: int) -> torch.Tensor:
-        """Boolean (B, 1, t, length+t) mask: causal within the new tokens, padding hidden."""
+    def attention_mask(self, t: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (B, 1, t, length+t) mask in ``dtype``: causal within the new tokens, padding hidden.
+
+        Built once per step for all layers, and additive so that SDPA need not convert a
+        boolean mask in every layer (at decode time these small ops are most of the cost).
+        """
+        key = (self.length, t, dtype)
+        if self._mask is None or self._mask[0] != key:
+            allowed = self._allowed(t)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            self._mask = key, additive.masked_fill_(~allowed, float("-inf"))
+        return self._mask[1]
+
+    def _allowed(self, t: int) -> torch.Tensor:
         end = self.length + t
         q_pos = torch.arange(self.length, end, device=self.valid_BL.device)
         k_pos = torch.arange(end, device=self.valid_BL.device)

@@ -44,7 +44,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
         else:
-            mask = cache.attention_mask(T)
+            mask = cache.attention_mask(T, q.dtype)
             k, v = cache.update(self.layer_idx, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, D)
