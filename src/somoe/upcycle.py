@@ -158,8 +158,8 @@ def expert_groups(num_experts: int, top_k: int) -> list[list[int]]:
 def forced_experts(moe: LM, group: list[int] | None) -> Iterator[None]:
     """Every MoE layer routes to ``group`` (equal offsets keep the kept gates uniform); None: the router."""
     layers = [f for f in moe.ffns() if isinstance(f, MoELayer)]
-    for layer in layers:
-        if group is not None:
+    if group is not None:
+        for layer in layers:
             offset = torch.zeros(layer.cfg.num_experts)
             offset[group] = 1e4
             layer.logit_offset = offset
