@@ -142,14 +142,17 @@ def run_adaptation(run: str | Path, shift_data: str, out: str | Path | None = No
     in_stream = file_stream(in_data, first) if in_data else run_val_stream(first)
     data = split_shift(in_stream, file_stream(shift_data, first), first.cfg.data.seq_len, batch_size, pre, shift,
                        heldout)
-    results = []
+    results, modes = [], {}
     for mode in MODES:
         loaded = first if mode == MODES[0] else load_run(run, device=device, which=which)  # same checkpoint state
-        results.append(run_mode(loaded, data, mode))
-        r = results[-1]
-        log(f"{mode:6s}: stream ppl in-domain {math.exp(_mean(r.stream_loss[:pre], r.stream_tokens[:pre])):.2f} "
-            f"-> shifted {math.exp(_mean(r.stream_loss[pre:], r.stream_tokens[pre:])):.2f} | post-shift "
-            f"val ppl {r.post_ood['ppl']:.2f} | in-domain ppl after {r.post_in['ppl']:.2f} | key move "
+        r = run_mode(loaded, data, mode)
+        results.append(r)
+        m = modes[mode] = {"stream_loss": r.stream_loss, "stream_tokens": r.stream_tokens,
+                           "stream_ppl_in": math.exp(_mean(r.stream_loss[:pre], r.stream_tokens[:pre])),
+                           "stream_ppl_shifted": math.exp(_mean(r.stream_loss[pre:], r.stream_tokens[pre:])),
+                           "post_ood": r.post_ood, "post_in": r.post_in, "key_move": r.key_move}
+        log(f"{mode:6s}: stream ppl in-domain {m['stream_ppl_in']:.2f} -> shifted {m['stream_ppl_shifted']:.2f} "
+            f"| post-shift val ppl {r.post_ood['ppl']:.2f} | in-domain ppl after {r.post_in['ppl']:.2f} | key move "
             f"{r.key_move:.4f}")
     # frozen keys never move, so the frozen mode's held-out scores are the checkpoint's own ("before")
     reference = {"in": results[0].post_in, "ood": results[0].post_ood}
@@ -157,12 +160,7 @@ def run_adaptation(run: str | Path, shift_data: str, out: str | Path | None = No
     out.mkdir(parents=True, exist_ok=True)
     summary = {"run": str(first.checkpoint), "shift_data": str(shift_data), "in_data": in_data or "validation split",
                "batch": [batch_size, first.cfg.data.seq_len], "pre_batches": pre, "shift_batches": shift,
-               "heldout_batches": heldout, "before": reference,
-               "modes": {r.mode: {"stream_loss": r.stream_loss, "stream_tokens": r.stream_tokens,
-                                  "stream_ppl_in": math.exp(_mean(r.stream_loss[:pre], r.stream_tokens[:pre])),
-                                  "stream_ppl_shifted": math.exp(_mean(r.stream_loss[pre:], r.stream_tokens[pre:])),
-                                  "post_ood": r.post_ood, "post_in": r.post_in, "key_move": r.key_move}
-                         for r in results}}
+               "heldout_batches": heldout, "before": reference, "modes": modes}
     (out / "adapt.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     plot_adaptation(results, pre, f"ablation C: {first.run_dir.name} ({first.checkpoint.name}), "
                                   f"shift to {Path(shift_data).name}", out / "adapt.png")

@@ -16,19 +16,18 @@ def check_runs(run_dirs: list[Path]) -> None:
             raise ConfigError(f"{run} has no metrics.jsonl; pass run folders written by somoe train")
 
 
-def run_labels(run_dirs: list[Path]) -> list[str]:
+def run_labels(run_dirs: list[Path], summaries: list[dict]) -> list[str]:
     """Config names, or folder names when two runs share a config name (runs of one preset)."""
-    names = [summarize_run(r)["name"] for r in run_dirs]
+    names = [s["name"] for s in summaries]
     return names if len(set(names)) == len(names) else [r.name for r in run_dirs]
 
 
-def plot_comparison(run_dirs: list[Path], path: Path, title: str = "") -> Path:
+def plot_comparison(run_dirs: list[Path], summaries: list[dict], labels: list[str], path: Path,
+                    title: str = "") -> Path:
     """Val loss vs tokens seen, vs training wall time, and best val ppl vs total parameters."""
     plt = pyplot()
-    labels = run_labels(run_dirs)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, run in enumerate(run_dirs):
-        s = summarize_run(run)
+    for i, (run, s) in enumerate(zip(run_dirs, summaries)):
         _, evals = read_metrics(run)
         color, name = f"C{i % 10}", labels[i]
         axes[0].plot([r["tokens"] / 1e6 for r in evals], [r["val_loss"] for r in evals], "o-", ms=3, color=color,
@@ -58,10 +57,12 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -
     check_runs(run_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(run_dirs, run_labels(run_dirs))
-    plot_comparison(run_dirs, out / "compare.png", title)
-    summaries = [{**summarize_run(r), "run_dir": str(r)} for r in run_dirs]
-    (out / "compare.json").write_text(json.dumps(summaries, indent=1), encoding="utf-8")
+    summaries = [summarize_run(r) for r in run_dirs]
+    labels = run_labels(run_dirs, summaries)
+    table = comparison_table(run_dirs, labels)
+    plot_comparison(run_dirs, summaries, labels, out / "compare.png", title)
+    rows = [{**s, "run_dir": str(r)} for s, r in zip(summaries, run_dirs)]
+    (out / "compare.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
     text = (f"# {title or 'Comparison'}\n\nBest validation figures of each run; tokens/s over training wall time; "
             f"mid gini / H: the middle layer's expert-usage Gini and entropy at the last eval.\n\n```\n{table}\n```\n\n"
             f"![curves](compare.png)\n")

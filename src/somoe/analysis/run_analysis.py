@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from ..report import read_metrics
 from . import plots
 from .galaxy import (CENTER_FACTOR, cluster_keys, cluster_usage, dormancy_history, galactic_centers, pca_2d,
