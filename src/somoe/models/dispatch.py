@@ -105,7 +105,7 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     ``grouped`` forces (True) or forbids (False) device-tensor counts; by
     default :func:`grouped_mm_available` decides.
     """
-    T, K = expert_idx_TK.shape
+    K = expert_idx_TK.shape[1]
     dt = compute_dtype or x_TD.dtype
     if grouped is None:
         grouped = grouped_mm_available(x_TD.device, dt)
@@ -191,15 +191,11 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
             out += bias_EN.index_select(0, _expert_of_row(counts, a_SK.shape[0]))
         return out
     out = a_SK.new_empty(a_SK.shape[0], b_EKN.shape[2])
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            end = start + n
-            if bias_EN is None:
-                torch.mm(a_SK[start:end], b_EKN[e], out=out[start:end])
-            else:
-                torch.addmm(bias_EN[e], a_SK[start:end], b_EKN[e], out=out[start:end])
-            start = end
+    for e, s, t in _slices(counts):
+        if bias_EN is None:
+            torch.mm(a_SK[s:t], b_EKN[e], out=out[s:t])
+        else:
+            torch.addmm(bias_EN[e], a_SK[s:t], b_EKN[e], out=out[s:t])
     return out
 
 
@@ -208,11 +204,8 @@ def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> 
     if isinstance(counts, torch.Tensor):
         return torch._grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
     out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            torch.mm(a_SK[start:start + n].t(), d_SN[start:start + n], out=out[e])
-            start += n
+    for e, s, t in _slices(counts):
+        torch.mm(a_SK[s:t].t(), d_SN[s:t], out=out[e])
     return out
 
 
@@ -222,11 +215,8 @@ def _group_sum(d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
     out = d_SN.new_zeros(E, d_SN.shape[1])
     if isinstance(counts, torch.Tensor):
         return out.index_add_(0, _expert_of_row(counts, d_SN.shape[0]), d_SN)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            torch.sum(d_SN[start:start + n], 0, out=out[e])
-            start += n
+    for e, s, t in _slices(counts):
+        torch.sum(d_SN[s:t], 0, out=out[e])
     return out
 
 

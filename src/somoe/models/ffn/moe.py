@@ -33,10 +33,11 @@ from torch import nn
 
 from ...analysis.usage import entropy_bits, gini
 from ...config import ModelConfig
-from ..dispatch import compute_dtype, dispatch, grouped_mlp, grouped_swiglu
+from ..dispatch import Counts, compute_dtype, dispatch, grouped_mlp, grouped_swiglu
 from .base import FFN, in_recompute
 from .dense import activation_fn
 from .registry import register_ffn
+from .some_rules import gate_entropy_TK
 
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,7 @@ class MoELayer(FFN):
         return idx_TK.view(*x.shape[:-1], -1), gates_TK.view(*x.shape[:-1], -1)
 
     # --- forward -------------------------------------------------------------------------
-    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _experts(self, x_SD: torch.Tensor, counts: Counts) -> torch.Tensor:
         if self.swiglu:
             return grouped_swiglu(x_SD, counts, self.expert_wg, self.expert_w1, self.expert_w2)
         return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
@@ -152,15 +153,16 @@ class MoELayer(FFN):
         combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
         y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype))
+        counts_E = torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)  # routed slots per expert
         aux = None
         if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
-            aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK)
+            aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counts_E)
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
-            self._record_readouts(idx_TK, gates_TK, keep_TK)
+            self._record_readouts(counts_E, gates_TK, keep_TK)
         return self.dropout(y_TD).view_as(x_BTD), aux
 
     def aux_loss(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor | None,
-                 idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+                 idx_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """``coef`` times the chosen balancing loss (computed on the router's choice, before drops).
 
         ``switch``: ``E * sum_e f_e P_e`` with f_e the share of routed slots and
@@ -171,7 +173,7 @@ class MoELayer(FFN):
         else the routed slot count.
         """
         E, K = self.cfg.num_experts, self.cfg.top_k
-        counts_E = torch.bincount(idx_TK.flatten(), minlength=E).float()
+        counts_E = counts_E.float()
         if self.cfg.aux_loss == "switch":
             P_E = torch.softmax(logits_TE, dim=-1).mean(0)
             loss = E * ((counts_E / idx_TK.numel()) * P_E).sum()
@@ -198,21 +200,20 @@ class MoELayer(FFN):
         self._acc = None
 
     @torch.no_grad()
-    def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
+    def _record_readouts(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
         if self._acc is None:
-            dev = idx_TK.device
+            dev = counts_E.device
             fdt = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
             self._acc = {"counts": torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=dev),
                          "gate_entropy": torch.zeros((), dtype=fdt, device=dev),
                          "dropped": torch.zeros((), dtype=torch.int64, device=dev),
                          "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
         acc = self._acc
-        acc["counts"] += torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)
-        g = gates_TK.float()
-        acc["gate_entropy"] += (-(g * g.clamp_min(1e-30).log()).sum()).to(acc["gate_entropy"].dtype)
+        acc["counts"] += counts_E
+        acc["gate_entropy"] += gate_entropy_TK(gates_TK.float()).sum().to(acc["gate_entropy"].dtype)
         if keep_TK is not None:
             acc["dropped"] += (~keep_TK).sum()
-        acc["tokens"] += idx_TK.shape[0]
+        acc["tokens"] += gates_TK.shape[0]
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
