@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
 from .data import BPETokenizer
 from .models import LM, build_model
-from .train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state
+from .train.checkpoint import (CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state,
+                               read_trainer_state)
 from .train.runtime import resolve_device
 
 
@@ -33,8 +33,7 @@ def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
     if which == "best":
         best = None
         for ckpt in checkpoints:
-            state = json.loads((ckpt / "trainer_state.json").read_text())
-            best = state.get("best_step", best)
+            best = read_trainer_state(ckpt).get("best_step", best)
         match = [c for c in checkpoints if best is not None and c.name == f"step-{best:08d}"]
         if match:
             return match[0]
@@ -54,7 +53,7 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
     model = build_model(cfg.model, dev)
     load_model_state(ckpt, model)
     # the schedules (top-k warmup, SoM rates used by an adapting eval) need the training progress
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    state = read_trainer_state(ckpt)
     model.set_progress(int(state.get("step", 0)), int(state.get("total_steps", 0)))
     model.eval()
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt

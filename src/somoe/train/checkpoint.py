@@ -130,7 +130,7 @@ def check_checkpoint(path: Path) -> None:
         if file.is_file():
             _read_safetensors(file)
     try:
-        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        read_trainer_state(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path}: trainer_state.json is corrupt; use an earlier checkpoint") from None
 
@@ -143,6 +143,11 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
             f"checkpoint file {file} is truncated or corrupt ({str(err).splitlines()[0][:80]}); "
             f"delete that checkpoint folder and resume from an earlier one"
         ) from None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``path`` (step, total_steps, best_step, ...)."""
+    return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
 
 
 def find_resumable(run_dir: Path, log=print) -> Path | None:
@@ -175,7 +180,7 @@ def load_model_state(path: Path, model: torch.nn.Module) -> None:
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore optimizer and RNG; return the trainer state dict."""
     path = Path(path)
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state = read_trainer_state(path)
     if optimizer is not None and (path / "optimizer.safetensors").is_file():
         _restore_optimizer(optimizer, _read_safetensors(path / "optimizer.safetensors"),
                            state.get("optimizer_param_groups", []))

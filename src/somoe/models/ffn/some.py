@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...analysis.usage import entropy_bits, gini
-from ...config import ModelConfig
+from ...config import ModelConfig, SoMEConfig
 from ..dispatch import LoRA, compute_dtype, dispatch, grouped_mlp
 from . import some_rules as rules
 from .base import FFN, in_recompute
@@ -38,9 +38,18 @@ from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_e
 KEY_SEED_OFFSET = 1_000_003
 SAMPLE_SEED_OFFSET = 2_000_003
 LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
-STATISTICS = ("stat_q_sum", "stat_gate", "stat_count", "stat_peer_sum", "stat_peer_mass",
-              "stat_q_total", "stat_tokens", "stat_gate_entropy", "stat_q_raw_total", "stat_q_samples",
-              "stat_sample_draws")
+
+
+def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]]:
+    """The per-step accumulators (name -> shape); the optional ones exist only when their rule is on,
+    so switched-off features cost neither memory nor all-reduce volume."""
+    shapes = {"stat_q_sum": (E, D), "stat_gate": (E,), "stat_count": (E,), "stat_peer_sum": (E, D),
+              "stat_peer_mass": (E,), "stat_q_total": (D,), "stat_tokens": (), "stat_gate_entropy": ()}
+    if c.center_queries:
+        shapes["stat_q_raw_total"] = (D,)
+    if c.decay and c.decay_target == "sample":
+        shapes.update(stat_q_samples=(E, D), stat_sample_draws=())
+    return shapes
 
 
 @dataclass
@@ -100,7 +109,8 @@ class SoMELayer(FFN):
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
         if self.cfg.key_ema > 0:
             self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
-        for name, shape in zip(STATISTICS, [(E, D), (E,), (E,), (E, D), (E,), (D,), (), (), (D,), (E, D), ()]):
+        self._statistics = statistic_shapes(self.cfg, E, D)
+        for name, shape in self._statistics.items():
             self.register_buffer(name, torch.empty(shape), persistent=False)
 
     def _register_experts(self, E: int, D: int) -> None:
@@ -312,10 +322,10 @@ class SoMELayer(FFN):
 
     def som_statistics(self) -> list[torch.Tensor]:
         """The accumulators, for the trainer's in-place SUM all-reduce."""
-        return [getattr(self, name) for name in STATISTICS]
+        return [getattr(self, name) for name in self._statistics]
 
     def _clear_statistics(self) -> None:
-        for name in STATISTICS:
+        for name in self._statistics:
             getattr(self, name).zero_()
 
     def train(self, mode: bool = True):
