@@ -53,10 +53,15 @@ def evaluate(model: torch.nn.Module, batches, token_bytes: np.ndarray, device: t
     """Evaluate ``batches`` (iterable of (x_BT, y_BT)); windows are sharded across ranks and summed.
 
     With ``adapt`` the SoME layers keep self-organizing during evaluation
-    (ablation C): their statistics are applied after every batch.
+    (ablation C): their statistics are applied after every batch. This is the one
+    place that turns their ``adapt_at_inference`` flag on, for the duration of the call.
     """
     lm = _underlying(model)
     was_training = lm.training
+    adapting = lm.self_organizing_layers() if adapt else []
+    flags = [layer.cfg.adapt_at_inference for layer in adapting]
+    for layer in adapting:
+        layer.cfg.adapt_at_inference = True  # their eval forwards now gather statistics
     lm.eval()
     lm.reset_readouts()
     bytes_lookup = torch.as_tensor(token_bytes, dtype=torch.int64)
@@ -71,13 +76,14 @@ def evaluate(model: torch.nn.Module, batches, token_bytes: np.ndarray, device: t
                               ignore_index=IGNORE_INDEX, reduction="sum")
         counted = y_BT[y_BT != IGNORE_INDEX].cpu()
         sums += torch.tensor([nll.item(), counted.numel(), bytes_lookup[counted].sum().item()], dtype=torch.float64)
-        if adapt:
-            for layer in lm.self_organizing_layers():
-                layer.self_organize_at_inference()
+        for layer in adapting:
+            layer.self_organize_at_inference()
         if on_batch is not None:
             on_batch(i, nll.item(), counted.numel())
     all_reduce_sum_([sums])
     readouts = lm.readouts()
+    for layer, flag in zip(adapting, flags):
+        layer.cfg.adapt_at_inference = flag
     lm.train(was_training)
     loss, ppl, bpb = summarize(sums[0].item(), int(sums[1].item()), int(sums[2].item()))
     return EvalResult(loss, ppl, bpb, int(sums[1].item()), int(sums[2].item()), readouts)

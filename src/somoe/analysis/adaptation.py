@@ -74,8 +74,6 @@ def _score(loaded: LoadedRun, batches: list, adapt: bool, on_batch=None) -> dict
     model = loaded.model
     dev = next(model.parameters()).device
     autocast = autocast_factory(resolve_precision(loaded.cfg.train.precision, dev), dev)
-    for layer in model.self_organizing_layers():
-        layer.cfg.adapt_at_inference = adapt
     result = evaluate(model, batches, loaded.tokenizer.token_byte_lengths(), dev, autocast, adapt=adapt,
                       on_batch=on_batch)
     return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb, "tokens": result.tokens}

@@ -7,7 +7,6 @@ loads in a blink. Tensor names are the model's own (``blocks.{i}.ffn.key_store``
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from ..train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints
+from ..train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints, read_trainer_state
 
 _KEY = re.compile(r"^blocks\.(\d+)\.ffn\.key_store$")
 
@@ -44,7 +43,7 @@ def load_checkpoint_keys(ckpt: str | Path) -> CheckpointKeys:
     """Key store, usage EMA and dormant streaks of every SoME layer of one checkpoint."""
     ckpt = Path(ckpt)
     check_checkpoint(ckpt)
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    state = read_trainer_state(ckpt)
     layers: dict[int, LayerKeys] = {}
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())

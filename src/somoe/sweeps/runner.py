@@ -10,7 +10,6 @@ config is refused rather than silently resumed with different settings.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -108,12 +107,12 @@ def load_sweep(name_or_path: str) -> Sweep:
 
 def run_status(run_dir: Path) -> tuple[str, int, int]:
     """('new' | 'partial' | 'done', step reached, total steps) from the run folder's checkpoints."""
-    from ..train.checkpoint import find_resumable
+    from ..train.checkpoint import find_resumable, read_trainer_state
 
     ckpt = find_resumable(run_dir, log=lambda *_: None) if run_dir.is_dir() else None
     if ckpt is None:
         return "new", 0, 0
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    state = read_trainer_state(ckpt)
     step, total = int(state.get("step", 0)), int(state.get("total_steps", 0))
     return ("done" if total and step >= total else "partial"), step, total
 
