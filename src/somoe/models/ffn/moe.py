@@ -31,13 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...analysis.usage import entropy_bits, gini
 from ...config import ModelConfig
 from ..dispatch import Counts, compute_dtype, dispatch, grouped_mlp, grouped_swiglu
 from .base import FFN, in_recompute
 from .dense import activation_fn
 from .registry import register_ffn
-from .some_rules import gate_entropy_TK
+from .routing_tally import RoutingTally
 
 
 def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
@@ -87,7 +86,7 @@ class MoELayer(FFN):
         self.act = None if self.swiglu else activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
         self._step = 0
-        self._acc: dict[str, torch.Tensor] | None = None
+        self._tally = RoutingTally(self.cfg.num_experts)
         # added to the clean logits when set (E,): upcycling's verification forces each expert in turn
         self.logit_offset: torch.Tensor | None = None
         self.init_weights()
@@ -197,34 +196,18 @@ class MoELayer(FFN):
 
     # --- readouts (the SoME layer's, docs/some-layer.md section 4) ---------------------------
     def reset_readouts(self) -> None:
-        self._acc = None
+        self._tally.reset()
 
     @torch.no_grad()
     def _record_readouts(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
-        if self._acc is None:
-            dev = counts_E.device
-            fdt = torch.float32 if dev.type == "mps" else torch.float64  # MPS has no float64
-            self._acc = {"counts": torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=dev),
-                         "gate_entropy": torch.zeros((), dtype=fdt, device=dev),
-                         "dropped": torch.zeros((), dtype=torch.int64, device=dev),
-                         "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
-        acc = self._acc
-        acc["counts"] += counts_E
-        acc["gate_entropy"] += gate_entropy_TK(gates_TK.float()).sum().to(acc["gate_entropy"].dtype)
-        if keep_TK is not None:
-            acc["dropped"] += (~keep_TK).sum()
-        acc["tokens"] += gates_TK.shape[0]
+        self._tally.add(counts_E, gates_TK, None if keep_TK is None else (~keep_TK).sum())
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
         """Usage (routed slots) inequality, gate entropy and dropped share since ``reset_readouts``."""
-        acc = self._acc
-        if acc is None or int(acc["tokens"]) == 0:
+        out = self._tally.summary()
+        if not out:
             return {}
-        counts_E, E, tokens = acc["counts"].cpu(), self.cfg.num_experts, int(acc["tokens"])
-        bits = entropy_bits(counts_E) + 0.0  # + 0.0: no "-0.0" when one expert takes everything
-        return {"usage_gini": gini(counts_E), "usage_entropy_bits": bits,
-                "usage_entropy_norm": bits / math.log2(E) if E > 1 else 1.0,
-                "gate_entropy_nats": float(acc["gate_entropy"]) / tokens,
-                "dropped_pct": 100.0 * int(acc["dropped"]) / (tokens * self.cfg.top_k),
-                "top_k": float(self.cfg.top_k)}
+        out["dropped_pct"] = 100.0 * self._tally.dropped / (self._tally.tokens * self.cfg.top_k)
+        out["top_k"] = float(self.cfg.top_k)
+        return out

@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...analysis.usage import entropy_bits, gini
 from ...config import ModelConfig, SoMEConfig
 from ..dispatch import LoRA, compute_dtype, dispatch, grouped_mlp
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .registry import register_ffn
+from .routing_tally import RoutingTally
 from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
 
 KEY_SEED_OFFSET = 1_000_003
@@ -91,7 +91,7 @@ class SoMELayer(FFN):
         self._register_experts(E, D)
         self._register_lora(E, D)
         self._step, self._total_steps = 0, 0
-        self._readout_acc: dict[str, torch.Tensor] | None = None
+        self._tally = RoutingTally(c.num_experts)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
         self.register_load_state_dict_pre_hook(self._check_expert_hash)
@@ -412,33 +412,16 @@ class SoMELayer(FFN):
 
     # --- readouts (section 4) ------------------------------------------------------------
     def reset_readouts(self) -> None:
-        self._readout_acc = None
+        self._tally.reset()
 
     @torch.no_grad()
     def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
-        if self._readout_acc is None:
-            dev = idx_TK.device  # float64 sums (MPS has none: float32 there)
-            fdt = torch.float32 if dev.type == "mps" else torch.float64
-            self._readout_acc = {"counts": torch.zeros(self.cfg.num_experts, dtype=torch.int64, device=dev),
-                                 "gate_entropy": torch.zeros((), dtype=fdt, device=dev),
-                                 "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
-        acc = self._readout_acc
-        acc["counts"] += torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)
-        acc["gate_entropy"] += rules.gate_entropy_TK(gates_TK.float()).sum().to(acc["gate_entropy"].dtype)
-        acc["tokens"] += idx_TK.shape[0]
+        self._tally.add(torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts), gates_TK)
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
         """Usage inequality and gate entropy since ``reset_readouts``, plus the keys' current state."""
-        out: dict[str, float] = {}
-        acc = self._readout_acc
-        if acc is not None and int(acc["tokens"]) > 0:
-            counts_E = acc["counts"].cpu()
-            E = self.cfg.num_experts
-            out["usage_gini"] = gini(counts_E)
-            out["usage_entropy_bits"] = entropy_bits(counts_E)
-            out["usage_entropy_norm"] = out["usage_entropy_bits"] / math.log2(E) if E > 1 else 1.0
-            out["gate_entropy_nats"] = float(acc["gate_entropy"]) / int(acc["tokens"])
+        out = self._tally.summary()
         out.update(self._key_readouts())
         out["dormant"] = float((self.dormant_streak > 0).sum())
         out["dormant_streak_max"] = float(self.dormant_streak.max())  # updates in a row, longest
