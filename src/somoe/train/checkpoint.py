@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, RunConfig, from_dict, load_yaml, save_config
@@ -128,21 +128,33 @@ def check_checkpoint(path: Path) -> None:
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         file = path / name
         if file.is_file():
-            _read_safetensors(file)
+            _check_safetensors(file)
     try:
         read_trainer_state(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {path}: trainer_state.json is corrupt; use an earlier checkpoint") from None
 
 
+def _corrupt(file: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint file {file} is truncated or corrupt ({str(err).splitlines()[0][:80]}); "
+                           f"delete that checkpoint folder and resume from an earlier one")
+
+
+def _check_safetensors(file: Path) -> None:
+    """Header and size check without reading the tensors: safetensors refuses a file whose
+    length does not match its header, so truncation is caught at the cost of one header read."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise _corrupt(file, err) from None
+
+
 def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(
-            f"checkpoint file {file} is truncated or corrupt ({str(err).splitlines()[0][:80]}); "
-            f"delete that checkpoint folder and resume from an earlier one"
-        ) from None
+        raise _corrupt(file, err) from None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
