@@ -61,7 +61,7 @@ def run_quickstart(args) -> int:
     from .report import comparison_table
 
     presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
-    if getattr(args, "moe", False) and MOE_PRESET not in presets:
+    if args.moe and MOE_PRESET not in presets:
         presets.append(MOE_PRESET)  # the classic MoE baseline as one more row of the comparison
     overrides = data_overrides(args.data) + list(args.overrides)
     if not args.presets:
