@@ -37,7 +37,7 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
         if with_hf:
             hf = hf_gpt2(cfg.model, dev).eval()
             fns["transformers_generate"] = lambda hf=hf: _hf(hf, prompts, new_tokens, dev, dtype)
-        for name, t in measure(fns, reps, dev).items():
+        for name, t in measure(fns, reps, dev, notes=notes).items():
             rows.append({"bench": "generate", "impl": name, "dtype": dtype, "preset": preset, "batch": batch,
                          "prompt_len": prompt_len, "new_tokens": new_tokens, **t,
                          "tokens_per_s": batch * new_tokens / (t["ms"] / 1e3),

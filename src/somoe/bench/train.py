@@ -18,10 +18,19 @@ DEFAULT_PRESETS = ("cpu_gpt2", "cpu_some", "quickstart")
 REFERENCE = "cpu_gpt2"
 
 
-def _our_step(model, optimizer, x, y, device, dtype):
+def _adamw(params: list, device: torch.device) -> torch.optim.Optimizer:
+    # fused on CUDA, as the trainer does, for ours and transformers' alike
+    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+
+
+def _compiled(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
+    return torch.compile(model) if compile else model
+
+
+def _our_step(model, optimizer, x, y, device, dtype, raw_model=None):
     from ..models.ffn import SelfOrganizing
 
-    organizers = [m for m in model.ffns() if isinstance(m, SelfOrganizing)]
+    organizers = [m for m in (raw_model or model).ffns() if isinstance(m, SelfOrganizing)]
 
     def run():
         with autocast(device, dtype):
@@ -80,8 +89,12 @@ def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
 
 
 def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3, device: str = "cpu",
-                overrides: tuple[str, ...] = (), notes: list[str] | None = None) -> list[dict]:
-    """One row per (preset, dtype) plus ``transformers_gpt2@<preset>`` for GPT-2 presets."""
+                overrides: tuple[str, ...] = (), notes: list[str] | None = None, compile: bool = False) -> list[dict]:
+    """One row per (preset, dtype) plus ``transformers_gpt2@<preset>`` for GPT-2 presets.
+
+    ``compile``: every model (ours and transformers') runs under ``torch.compile``; the
+    warm-up step pays the compilation and is not timed.
+    """
     from ..config import load_config
     from ..models.transformer import build_model
 
@@ -99,17 +112,18 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
             B, T = cfg.train.batch_size, cfg.data.seq_len
             torch.manual_seed(0)
             model = build_model(cfg.model, dev).train()
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            opt = _adamw([p for p in model.parameters() if p.requires_grad], dev)
             x = torch.randint(0, cfg.model.vocab_size, (B, T), device=dev)
-            fns[name] = _our_step(model, opt, x, x, dev, dtype)
+            fns[name] = _our_step(_compiled(model, compile), opt, x, x, dev, dtype, model)
             meta[name] = (cfg, model.param_counts())
             if with_hf and cfg.model.ffn == "dense" and cfg.model.backbone == "gpt2":
                 hf = hf_gpt2(cfg.model, dev)
                 hf_name = f"transformers_gpt2@{name}"
-                fns[hf_name] = _hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), x, dev, dtype)
+                fns[hf_name] = _hf_step(_compiled(hf, compile), _adamw(list(hf.parameters()), dev), x, dev,
+                                        dtype)
                 n = sum(p.numel() for p in hf.parameters())
                 meta[hf_name] = (cfg, {"total": n, "trainable": n})
-        times = measure(fns, reps, dev)
+        times = measure(fns, reps, dev, notes=notes)
         for name, t in times.items():
             cfg, counts = meta[name]
             B, T = cfg.train.batch_size, cfg.data.seq_len
@@ -117,7 +131,7 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
                          "batch": B, "seq_len": T, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
                          "params_total": counts["total"], "params_trainable": counts["trainable"], **t,
                          "tokens_per_s": B * T / (t["ms"] / 1e3), "flops": model_flops(cfg.model, B, T),
-                         "threads": torch.get_num_threads(), "device": dev.type})
+                         "threads": torch.get_num_threads(), "device": dev.type, "compiled": compile})
     _ratios(rows)
     add_mfu(rows, ceilings)
     return rows

@@ -33,6 +33,7 @@ def register(sub) -> None:
     q = kinds.add_parser("train", help="tokens/s of training steps: presets vs cpu_gpt2 and transformers' GPT-2")
     common(q, 3)
     q.add_argument("--presets", default="", help="comma list (default cpu_gpt2,cpu_some,quickstart)")
+    q.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset, e.g. train.batch_size=8")
     q.set_defaults(func=cmd_train)
 
@@ -118,7 +119,7 @@ def cmd_train(args) -> int:
         ("cpu_gpt2", "cpu_some") if args.quick else train.DEFAULT_PRESETS)
     notes: list[str] = []
     rows = train.bench_train(presets, _dtypes(args), reps=min(args.reps, 2) if args.quick else args.reps,
-                             device=args.device, overrides=tuple(args.overrides), notes=notes)
+                             device=args.device, overrides=tuple(args.overrides), notes=notes, compile=args.compile)
     return _emit(args, rows, train.COLUMNS, notes)
 
 

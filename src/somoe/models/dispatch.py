@@ -11,7 +11,8 @@ per-token Python.
 ``counts`` (slots per expert): on CPU a :class:`Groups` (a ``list[int]``, one
 host sync per forward, that also carries the sorted gates so that
 :func:`grouped_mlp` folds them in per expert); on CUDA with bf16 compute a
-device tensor, and every expert op is one ``torch._grouped_mm`` over the
+device tensor, and every expert op is one grouped matmul (``F.grouped_mm``;
+``torch._grouped_mm`` before torch 2.10) over the
 offsets: no ``.item()``/``.tolist()`` in the hot path, capturable in a CUDA
 graph. :func:`grouped_mlp` and :func:`grouped_swiglu` accept both.
 
@@ -46,6 +47,8 @@ import torch.nn.functional as F
 Counts = Union[list[int], torch.Tensor]  # slots per expert: host list (loop) or device tensor (grouped mm)
 # grouped expert function: (x_SD sorted by expert, counts per expert) -> y_SD in the same order
 GroupedFn = Callable[[torch.Tensor, Counts], torch.Tensor]
+# the public form (torch >= 2.10) where it exists, else the private op (same semantics); None: too old
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 @dataclass
@@ -70,13 +73,13 @@ def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether experts on ``device`` computing in ``dtype`` use ``torch._grouped_mm`` (no host sync).
+    """Whether experts on ``device`` computing in ``dtype`` use the grouped matmul (no host sync).
 
     CUDA bf16 on compute capability >= 8.0 only: that is what the kernel
     supports. On CPU the op exists but loops over groups itself and has no
     backward, so the Python loop with preallocated outputs is used there.
     """
-    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+    if device.type != "cuda" or dtype != torch.bfloat16 or _grouped_mm is None:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
@@ -105,10 +108,23 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     ``grouped`` forces (True) or forbids (False) device-tensor counts; by
     default :func:`grouped_mm_available` decides.
     """
-    K = expert_idx_TK.shape[1]
     dt = compute_dtype or x_TD.dtype
     if grouped is None:
         grouped = grouped_mm_available(x_TD.device, dt)
+    if grouped:
+        return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True)
+    return _dispatch_host_counts(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt)
+
+
+@torch.compiler.disable
+def _dispatch_host_counts(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt) -> torch.Tensor:
+    """The host-count path runs eagerly under ``torch.compile``: traced, every step's counts would
+    become guards (``counts[2] == 65``) and recompile the graph at each step."""
+    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, False)
+
+
+def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool) -> torch.Tensor:
+    K = expert_idx_TK.shape[1]
     p = plan(expert_idx_TK, num_experts, host_counts=not grouped)
     x_SD = x_TD.to(dt).index_select(0, p.token_S)  # the K-fold copy: matmul operands must be contiguous
     g_S = gates_TK.reshape(-1).index_select(0, p.order_S)
@@ -186,7 +202,7 @@ def _expert_of_row(counts: torch.Tensor, rows: int) -> torch.Tensor:
 def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch.Tensor | None = None) -> torch.Tensor:
     """Row block ``e`` of ``a`` times ``b[e]`` (+ ``bias[e]``), one output buffer, no concatenation."""
     if isinstance(counts, torch.Tensor):
-        out = torch._grouped_mm(a_SK, b_EKN, offs=_offsets(counts))
+        out = _grouped_mm(a_SK, b_EKN, offs=_offsets(counts))
         if bias_EN is not None:
             out += bias_EN.index_select(0, _expert_of_row(counts, a_SK.shape[0]))
         return out
@@ -202,7 +218,7 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
 def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
     """``a[e-block]^T @ d[e-block]`` for every expert: (E, K, N), zeros for empty experts."""
     if isinstance(counts, torch.Tensor):
-        return torch._grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
+        return _grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
     out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
     for e, s, t in _slices(counts):
         torch.mm(a_SK[s:t].t(), d_SN[s:t], out=out[e])

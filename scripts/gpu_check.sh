@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 5's GPU checks in one call on a lent GPU machine (PyTorch + CUDA, transformers; no install):
+# correctness first (the CUDA tests, scripts/gpu_validate.py), then `somoe bench` on CUDA, then a
+# short end-to-end `somoe train` with torch.compile. Each step has its own time limit so that a
+# slow or failing step costs only its share; results land in $OUT (default /tmp/somoe-gpu):
+# gpu.log, validate.json, layer.json, train.json, train_compiled.json, generate.json.
+#   bash scripts/gpu_check.sh            # ~6-8 minutes on an H100
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/somoe-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/gpu.log"
+somoe() { python3 -m somoe "$@"; }
+
+step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME ends in .json, else the log
+  local name=$1 secs=$2 rc t0=$SECONDS
+  shift 2
+  echo "== $name (limit ${secs}s)" | tee -a "$LOG"
+  if [[ $name == *.json ]]; then
+    timeout "$secs" "$@" >"$OUT/$name" 2>>"$LOG"
+  else
+    timeout "$secs" "$@" >>"$LOG" 2>&1
+  fi
+  rc=$?
+  echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} >>"$LOG" 2>&1
+step tests 45 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py
+step validate 130 python3 scripts/gpu_validate.py --json "$OUT/validate.json"
+step train.json 80 somoe bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 --reps 10 --json
+step layer.json 70 somoe bench layer --device cuda --reps 20 --json
+step generate.json 35 somoe bench generate --device cuda --preset seed000_gpt2 --reps 5 --json
+step train_compiled.json 130 somoe bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 \
+  --reps 10 --compile --json
+step e2e 70 somoe train --preset seed000_some --out /tmp/e2e data.source=builtin train.max_steps=30 \
+  train.eval_every=30 train.eval_batches=2 train.compile=true
+python3 - "$OUT" <<'EOF' | tee -a "$LOG"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for name in ("train", "train_compiled", "layer", "generate"):
+    p = out / f"{name}.json"
+    try:
+        rows = json.loads(p.read_text())["rows"]
+    except Exception as err:
+        print(f"{name}: no rows ({type(err).__name__})")
+        continue
+    for r in rows:
+        keys = ("impl", "dtype", "num_experts", "top_k", "ms", "tokens_per_s", "ratio", "speedup_vs_transformers", "mfu")
+        print(name, " ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
+                             for k in keys if k in r))
+EOF
