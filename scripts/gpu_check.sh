@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/somoe-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/gpu.log"
-somoe() { python3 -m somoe "$@"; }
+SOMOE="python3 -m somoe"  # the checkout's package on PYTHONPATH, nothing installed
 
 step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME ends in .json, else the log
   local name=$1 secs=$2 rc t0=$SECONDS
@@ -31,12 +31,12 @@ step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME end
 } >>"$LOG" 2>&1
 step tests 45 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py
 step validate 130 python3 scripts/gpu_validate.py --json "$OUT/validate.json"
-step train.json 80 somoe bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 --reps 10 --json
-step layer.json 70 somoe bench layer --device cuda --reps 20 --json
-step generate.json 35 somoe bench generate --device cuda --preset seed000_gpt2 --reps 5 --json
-step train_compiled.json 130 somoe bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 \
+step train.json 80 $SOMOE bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 --reps 10 --json
+step layer.json 70 $SOMOE bench layer --device cuda --reps 20 --json
+step generate.json 35 $SOMOE bench generate --device cuda --preset seed000_gpt2 --reps 5 --json
+step train_compiled.json 130 $SOMOE bench train --device cuda --presets seed000_gpt2,seed000_some --dtypes bf16 \
   --reps 10 --compile --json
-step e2e 70 somoe train --preset seed000_some --out /tmp/e2e data.source=builtin train.max_steps=30 \
+step e2e 70 $SOMOE train --preset seed000_some --out /tmp/e2e data.source=builtin train.max_steps=30 \
   train.eval_every=30 train.eval_batches=2 train.compile=true
 python3 - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys

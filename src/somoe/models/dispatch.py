@@ -408,6 +408,15 @@ class LoRA:
     scale: float
 
 
+def _aligned_or_host(counts: Counts, x_SD: torch.Tensor, d_ffn: int) -> Counts:
+    """Device counts only where CUDA's grouped kernel takes the shapes: every row stride a multiple of
+    16 bytes (d_model and d_ffn multiples of 8 in bf16). Other shapes fall back to the per-expert
+    loop, at the price of one host sync (no real model has such widths)."""
+    if isinstance(counts, torch.Tensor) and x_SD.is_cuda and (x_SD.shape[1] % 8 or d_ffn % 8):
+        return counts.tolist()
+    return counts
+
+
 def _cast(t: torch.Tensor | None, dt: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dt)
 
@@ -428,6 +437,7 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
     if lora is not None:
         w1_EDF, w2_EFD, b1_EF, b2_ED = (_cast(t, dt) for t in (w1_EDF, w2_EFD, b1_EF, b2_ED))
         return _lora_mlp(x_SD, host_counts(counts), w1_EDF, b1_EF, w2_EFD, b2_ED, lora, activation, dt)
+    counts = _aligned_or_host(counts, x_SD, w1_EDF.shape[2])
     gates_S = None
     if isinstance(counts, Groups) and counts.gates_S is not None:  # fold the gates in (see Groups)
         gates_S, counts.gates_applied = counts.gates_S.to(dt), True
@@ -440,6 +450,7 @@ def grouped_swiglu(x_SD: torch.Tensor, counts: Counts, wg_EDF: torch.Tensor, w1_
                    w2_EFD: torch.Tensor) -> torch.Tensor:
     """``(silu(x Wg_e) * (x W1_e)) W2_e`` per expert slice; dtype rules as :func:`grouped_mlp`."""
     dt = compute_dtype(x_SD, w1_EDF.dtype)
+    counts = _aligned_or_host(counts, x_SD, w1_EDF.shape[2])
     x_SD, wg_EDF, w1_EDF, w2_EFD = (t.to(dt) for t in (x_SD, wg_EDF, w1_EDF, w2_EFD))
     with torch.autocast(x_SD.device.type, enabled=False):
         return _GroupedSwiGLU.apply(x_SD.contiguous(), counts, wg_EDF, w1_EDF, w2_EFD)

@@ -26,6 +26,9 @@ class RoutingTally:
 
     @torch.no_grad()
     def add(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, dropped: torch.Tensor | None = None) -> None:
+        if self._acc is not None and self._acc["counts"].device != counts_E.device:
+            # the layer moved (``model.to(...)``) since the last reset: the tallies follow it
+            self._acc = {k: v.to(counts_E.device) for k, v in self._acc.items()}
         if self._acc is None:
             dev = counts_E.device
             fdt = torch.float32 if dev.type == "mps" else torch.float64
