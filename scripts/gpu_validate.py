@@ -186,6 +186,7 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU dry run of the script)")
+    ap.add_argument("--only", default="", help="comma list of check names to run (default: all)")
     args = ap.parse_args()
     global DEV
     DEV = args.device
@@ -196,7 +197,8 @@ def main() -> int:
     print(torch.__version__, name, flush=True)
     for fn in (dispatch_at_seed000_shape, model_on_cuda_matches_cpu, sdpa_flash_runs_training_attention,
                compile_matches_eager):
-        check(fn)
+        if not args.only or fn.__name__ in args.only.split(","):
+            check(fn)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "torch": torch.__version__, "results": results}, f,
