@@ -61,14 +61,20 @@ class Plan:
     counts: Counts  # slots per expert, length E: a list (one host sync) or, for grouped mm, a device tensor
 
 
+def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert (int64, length E), without a host sync: CUDA's ``bincount`` reads the
+    maximum index back to size its output; a scatter-add into E zeros does not."""
+    flat = expert_idx.reshape(-1).long()
+    return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True) -> Plan:
     """Sort the flattened slots by expert id (stable) and count slots per expert."""
     flat_S = expert_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
+    counts = expert_counts(flat_S, num_experts)
     if host_counts:
-        counts = torch.bincount(flat_S, minlength=num_experts).tolist()
-    else:  # CUDA bincount reads the maximum back to size its output: a host sync
-        counts = flat_S.new_zeros(num_experts).scatter_add_(0, flat_S, torch.ones_like(flat_S))
+        counts = counts.tolist()
     return Plan(order_S, order_S // expert_idx_TK.shape[1], flat_S[order_S], counts)
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig
-from ..dispatch import Counts, compute_dtype, dispatch, grouped_mlp, grouped_swiglu
+from ..dispatch import Counts, compute_dtype, dispatch, expert_counts, grouped_mlp, grouped_swiglu
 from .base import FFN, in_recompute
 from .dense import activation_fn
 from .registry import register_ffn
@@ -53,7 +53,7 @@ def capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float
     capacity = math.ceil(capacity_factor * T * K / num_experts)
     flat_S = idx_TK.t().reshape(-1)  # priority order: all first choices (token order), then second choices
     order_S = torch.argsort(flat_S, stable=True)
-    counts_E = torch.bincount(flat_S, minlength=num_experts)
+    counts_E = expert_counts(flat_S, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_S = torch.empty_like(order_S)
     rank_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[flat_S[order_S]]
@@ -152,7 +152,7 @@ class MoELayer(FFN):
         combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
         y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype))
-        counts_E = torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts)  # routed slots per expert
+        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert
         aux = None
         if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
             aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counts_E)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig, SoMEConfig
-from ..dispatch import LoRA, compute_dtype, dispatch, grouped_mlp
+from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .registry import register_ffn
@@ -261,7 +261,7 @@ class SoMELayer(FFN):
     def _aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
         """Switch-style ``coef * E * sum_e f_e P_e`` (f: routed slot share, P: mean router probability)."""
         E = self.cfg.num_experts
-        f_E = torch.bincount(idx_TK.flatten(), minlength=E).float() / idx_TK.numel()
+        f_E = expert_counts(idx_TK, E).float() / idx_TK.numel()
         P_E = torch.softmax(scores_TE.float(), dim=-1).mean(0)
         return self.cfg.aux_loss_coef * E * (f_E * P_E).sum()
 
@@ -291,7 +291,7 @@ class SoMELayer(FFN):
         gates_TE = torch.zeros(T, self.cfg.num_experts, device=g_TK.device).scatter_(1, idx_TK, g_TK)
         self.stat_q_sum += gates_TE.t() @ q_TD
         self.stat_gate += gates_TE.sum(0)
-        self.stat_count += torch.bincount(e_S, minlength=self.cfg.num_experts).float()
+        self.stat_count += expert_counts(e_S, self.cfg.num_experts).float()
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
             # w[t, j, j'] = g[t, j'] for j' != j: the gate of every co-selected expert, without subtraction
             w_TKK = g_TK.unsqueeze(1) * (1.0 - torch.eye(K, device=g_TK.device))
@@ -416,7 +416,7 @@ class SoMELayer(FFN):
 
     @torch.no_grad()
     def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
-        self._tally.add(torch.bincount(idx_TK.flatten(), minlength=self.cfg.num_experts), gates_TK)
+        self._tally.add(expert_counts(idx_TK, self.cfg.num_experts), gates_TK)
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
