@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from somoe.models.dispatch import compute_dtype, dispatch, grouped_mlp, padded_bmm_mlp, per_expert, plan
+from somoe.models.dispatch import (compute_dtype, dispatch, grouped_mlp, padded_capacity, padded_frozen_mlp,
+                                   per_expert, plan)
 
 T, D, E, K, FF = 37, 8, 6, 3, 12
 
@@ -88,12 +89,26 @@ def test_bf16_weights_compute_in_bf16_and_return_input_dtype():
     assert not torch.equal(y_TD, ref_TD)  # it really computed in bf16
 
 
-def test_padded_bmm_and_per_expert_agree_with_grouped_loop():
+@pytest.mark.parametrize("fold_gates", [False, True])
+def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates):
+    """The padded-bmm path (bf16 frozen experts on CPU) computes the loop's function and gradients;
+    fp32 here so that they agree to rounding. The empty expert is padded, never read."""
     w1, b1, w2, b2 = make_experts()
     idx_TK, gates_TK = make_routing(skip_expert=2)
-    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(6))
-    loop = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2), E)
-    padded = dispatch(x_TD, idx_TK, gates_TK, lambda x, c: padded_bmm_mlp(x, c, w1, b1, w2, b2), E)
+    gates_TK = gates_TK.detach().requires_grad_(True)
+    x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    probe = torch.randn(T, D, generator=torch.Generator().manual_seed(7))
+
+    def padded(x_SD, counts):
+        gates_S = None
+        if fold_gates:
+            gates_S, counts.gates_applied = counts.gates_S, True
+        return padded_frozen_mlp(x_SD, list(counts), max(counts), w1, b1, w2, b2, gates_S=gates_S)
+
+    outs = {}
+    for name, fn in (("loop", lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2)), ("padded", padded)):
+        y = dispatch(x_TD, idx_TK, gates_TK, fn, E)
+        outs[name] = (y, *torch.autograd.grad((y * probe).sum(), [x_TD, gates_TK]))
     calls = []
 
     def one(e, x):
@@ -101,8 +116,17 @@ def test_padded_bmm_and_per_expert_agree_with_grouped_loop():
         return F.gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e]
 
     looped = dispatch(x_TD, idx_TK, gates_TK, per_expert(one), E)
-    assert torch.allclose(loop, padded, atol=1e-5) and torch.allclose(loop, looped, atol=1e-6)
+    for got, want in zip(outs["padded"], outs["loop"]):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(outs["loop"][0], looped, atol=1e-6)
     assert calls == [0, 1, 3, 4, 5]  # the empty expert is skipped
+
+
+def test_padded_capacity_refuses_imbalanced_routing():
+    assert padded_capacity([3, 3, 0]) == 3  # 9 padded rows for 6 real: 1.5x, at the limit
+    assert padded_capacity([6, 1, 1]) is None  # 18 for 8: the loop is cheaper
+    assert padded_capacity([0, 0]) is None
+    assert padded_capacity([6, 1, 1], max_waste=3.0) == 6
 
 
 def test_inside_autocast_the_experts_run_in_the_autocast_dtype():

@@ -176,8 +176,13 @@ def test_cuda_dispatch_has_no_host_sync_and_captures_in_a_graph():
     assert (y.cpu() - ref12).abs().max() < 0.03 * ref12.abs().max()
 
 
-def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts():
-    """Under bf16 autocast, fp32-stored frozen experts are cast per expert, never saved cast for backward."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts(padded, monkeypatch):
+    """Under bf16 autocast, fp32-stored frozen experts are cast on the fly, never saved cast for backward
+    (per expert in the loop; whole in the padded-bmm path, which bf16 takes when routing is balanced)."""
+    import somoe.models.dispatch as dispatch_module
+
+    monkeypatch.setattr(dispatch_module, "PADDED_MAX_WASTE", 10.0 if padded else 0.0)
     ws = weights(seed=21)
     idx_TK, gates_TK = routing(seed=22)
     x = torch.randn(T, D, requires_grad=True)
@@ -192,9 +197,11 @@ def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts():
         y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, compute_dtype(x, ws[0].dtype))
     y.sum().backward()
     assert (torch.float32, (E, D, FF)) in saved  # the stored buffers themselves (no copy)
-    # bf16 saved: pre-activations (S x FF), ungated outputs (S x D), gates (S); nothing weight-sized
+    # bf16 saved: pre-activations (S x FF, padded: E x cap x FF), ungated outputs (S x D), gates (S)
     S = T * K
-    assert sum(math.prod(shape) for dt, shape in saved if dt == torch.bfloat16) == S * FF + S * D + S
+    cap = int(torch.bincount(idx_TK.flatten(), minlength=E).max())
+    pre = E * cap * FF if padded else S * FF
+    assert sum(math.prod(shape) for dt, shape in saved if dt == torch.bfloat16) == pre + S * D + S
     assert x.grad is not None and x.grad.dtype == torch.float32
 
 

@@ -24,7 +24,9 @@ slice while it is in cache; the function saves the pre-activation (and the
 ungated output, for the gates' gradient) and never the weights' copies.
 Weights stored in bf16 are computed in bf16 (CPU AMX, GPU tensor cores);
 inside autocast the autocast dtype is used; the result is cast back to the
-input dtype.
+input dtype. bf16 frozen experts on CPU take a padded-bmm path
+(:func:`padded_frozen_mlp`) while routing is balanced enough
+(``PADDED_MAX_WASTE``): one ``bmm`` per op instead of one small matmul per expert.
 
 Why not plain autograd over per-expert ops (the previous version): its
 ``split``/``cat`` of E slices and per-op autograd bookkeeping cost more than
@@ -447,9 +449,21 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
     gates_S = None
     if isinstance(counts, Groups) and counts.gates_S is not None:  # fold the gates in (see Groups)
         gates_S, counts.gates_applied = counts.gates_S.to(dt), True
-    # the Function's ops run on tensors already in dt; autocast must not re-cast them
+    # the Functions' ops run on tensors already in dt; autocast must not re-cast them
     with torch.autocast(x_SD.device.type, enabled=False):
+        cap = _padded_cap_if_faster(x_SD, counts, dt, (w1_EDF, b1_EF, w2_EFD, b2_ED))
+        if cap is not None:
+            return padded_frozen_mlp(x_SD, list(counts), cap, w1_EDF, b1_EF, w2_EFD, b2_ED, activation, gates_S)
         return _GroupedMLP.apply(x_SD.contiguous(), counts, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED)
+
+
+def _padded_cap_if_faster(x_SD: torch.Tensor, counts: Counts, dt: torch.dtype, weights) -> int | None:
+    """The padded path's capacity where it wins: bf16 on CPU, frozen weights, balanced enough routing."""
+    if dt != torch.bfloat16 or x_SD.device.type != "cpu" or isinstance(counts, torch.Tensor):
+        return None
+    if any(w is not None and w.requires_grad for w in weights):
+        return None
+    return padded_capacity(list(counts))
 
 
 def grouped_swiglu(x_SD: torch.Tensor, counts: Counts, wg_EDF: torch.Tensor, w1_EDF: torch.Tensor,
@@ -478,20 +492,74 @@ def _lora_mlp(x_SD, counts: list[int], w1_EDF, b1_EF, w2_EFD, b2_ED, lora: LoRA,
     return per_expert(expert)(x_SD, counts)
 
 
-def padded_bmm_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF: torch.Tensor,
-                   w2_EFD: torch.Tensor, b2_ED: torch.Tensor) -> torch.Tensor:
-    """Reference alternative: pad every expert to the largest count, two ``baddbmm``.
+# --- padded batched path: bf16 frozen experts on CPU ---------------------------------------------
+# Why: a bf16 (AMX/oneDNN) matmul of ~256 rows pays a fixed cost per call, and so does every small
+# elementwise op; 64 experts x ~10 ops per step cost more than the multiply-adds. Padding every
+# expert to the busiest one's row count turns each op into one ``bmm`` (or one elementwise call)
+# over (E, cap, .). The waste grows with routing imbalance, so the path is taken only while the
+# padded rows stay within PADDED_MAX_WASTE of the real ones; otherwise the per-expert loop runs.
+PADDED_MAX_WASTE = 1.5
 
-    Its cost grows with routing imbalance (every expert is padded to the
-    busiest one; SoME runs reach usage Gini 0.98), so it is not used.
-    """
-    counts = host_counts(counts)
-    E, cap = len(counts), max(counts)
-    counts_E = torch.tensor(counts, device=x_SD.device)
-    expert_S = torch.repeat_interleave(torch.arange(E, device=x_SD.device), counts_E)
-    offsets_E = torch.cumsum(counts_E, 0) - counts_E
-    rank_S = torch.arange(x_SD.shape[0], device=x_SD.device) - offsets_E[expert_S]
-    buf_ECD = x_SD.new_zeros(E, cap, x_SD.shape[1]).index_put((expert_S, rank_S), x_SD)
-    h_ECF = F.gelu(torch.baddbmm(b1_EF.unsqueeze(1), buf_ECD, w1_EDF))
-    y_ECD = torch.baddbmm(b2_ED.unsqueeze(1), h_ECF, w2_EFD)
-    return y_ECD[expert_S, rank_S]
+
+def padded_capacity(counts: list[int], max_waste: float | None = None) -> int | None:
+    """Rows per expert of the padded buffer (the largest count), or None when ``E * cap`` would exceed
+    ``max_waste`` (default PADDED_MAX_WASTE) times the real rows."""
+    max_waste = PADDED_MAX_WASTE if max_waste is None else max_waste
+    cap, rows = max(counts, default=0), sum(counts)
+    if rows == 0 or len(counts) * cap > max_waste * rows:
+        return None
+    return cap
+
+
+def _padded_positions(counts: list[int], cap: int, device: torch.device) -> torch.Tensor:
+    """Row of each sorted slot in the ``(E * cap)`` padded buffer: expert * cap + rank within expert."""
+    counts_E = torch.tensor(counts, device=device)
+    expert_S = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    return expert_S * cap + torch.arange(expert_S.numel(), device=device) - starts_E[expert_S]
+
+
+def _scatter_rows(rows_SD: torch.Tensor, pos_S: torch.Tensor, E: int, cap: int) -> torch.Tensor:
+    return rows_SD.new_zeros(E * cap, rows_SD.shape[1]).index_copy_(0, pos_S, rows_SD).view(E, cap, -1)
+
+
+class _PaddedFrozenMLP(torch.autograd.Function):
+    """``g_S * (act(x W1_e + b1_e) W2_e + b2_e)`` as bmm over padded experts; frozen weights only
+    (backward: the two input-gradient bmm, the gates' gradient)."""
+
+    @staticmethod
+    def forward(ctx, x_SD, pos_S, cap, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED):
+        # weights arrive in their storage dtype: cast copies are temporaries, never saved (fp32-stored
+        # frozen experts under bf16 autocast would otherwise be held twice until backward)
+        E, dt = w1_EDF.shape[0], x_SD.dtype
+        x_ECD = _scatter_rows(x_SD, pos_S, E, cap)
+        w1, b1, w2, b2 = (_cast(t, dt) for t in (w1_EDF, b1_EF, w2_EFD, b2_ED))
+        pre_ECF = torch.bmm(x_ECD, w1) if b1 is None else torch.baddbmm(b1.unsqueeze(1), x_ECD, w1)
+        act = activation(pre_ECF)
+        u_ECD = torch.bmm(act, w2) if b2 is None else torch.baddbmm(b2.unsqueeze(1), act, w2)
+        u_SD = u_ECD.view(E * cap, -1).index_select(0, pos_S)
+        ctx.save_for_backward(pos_S, pre_ECF, u_SD if gates_S is not None else None, gates_S, w1_EDF, w2_EFD)
+        ctx.cap, ctx.activation = cap, activation
+        return u_SD if gates_S is None else u_SD * gates_S.unsqueeze(1)
+
+    @staticmethod
+    def backward(ctx, dy_SD):
+        pos_S, pre_ECF, u_SD, gates_S, w1_EDF, w2_EFD = ctx.saved_tensors
+        dy_SD = dy_SD.to(pre_ECF.dtype)
+        dg = None
+        if gates_S is not None:
+            dg = (dy_SD * u_SD).sum(1) if ctx.needs_input_grad[4] else None
+            dy_SD = dy_SD * gates_S.unsqueeze(1)
+        E, dt = w1_EDF.shape[0], pre_ECF.dtype
+        d_act = torch.bmm(_scatter_rows(dy_SD, pos_S, E, ctx.cap), w2_EFD.to(dt).transpose(1, 2))
+        d_pre = _activation_grad(ctx.activation, pre_ECF, d_act)  # padding rows: d_act = 0, so 0
+        dx = torch.bmm(d_pre, w1_EDF.to(dt).transpose(1, 2)).view(E * ctx.cap, -1).index_select(0, pos_S)
+        return dx, None, None, None, dg, None, None, None, None
+
+
+def padded_frozen_mlp(x_SD: torch.Tensor, counts: list[int], cap: int, w1_EDF: torch.Tensor,
+                      b1_EF: torch.Tensor | None, w2_EFD: torch.Tensor, b2_ED: torch.Tensor | None,
+                      activation: Callable = F.gelu, gates_S: torch.Tensor | None = None) -> torch.Tensor:
+    """The padded-bmm expert MLP on ``x_SD`` sorted by expert, in x's dtype (frozen weights, any storage dtype)."""
+    pos_S = _padded_positions(counts, cap, x_SD.device)
+    return _PaddedFrozenMLP.apply(x_SD.contiguous(), pos_S, cap, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED)
