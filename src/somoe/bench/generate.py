@@ -1,6 +1,7 @@
 """``somoe bench generate``: tokens/s of batched KV-cache generation, ours vs ``transformers.generate``.
 
-Both models have the GPT-2 preset's shape and random weights, decode
+Both models have the GPT-2 preset's shape and random weights (bf16 rows: weights
+cast to bf16, as inference is run; no autocast), decode
 greedily for exactly ``new_tokens`` tokens (no EOS stop) from the same
 random prompts. The reference is ``transformers``' ``generate``; ours is
 ``somoe.generate.generate_ids``.
@@ -8,9 +9,11 @@ random prompts. The reference is ``transformers``' ``generate``; ours is
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .common import HF_MISSING, add_mfu, add_ratios, autocast, hf_available, matmul_ceiling, measure
+from .common import HF_MISSING, add_mfu, add_ratios, hf_available, matmul_ceiling, measure
 from .train import hf_gpt2, model_flops
 
 
@@ -33,10 +36,14 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
     rows: list[dict] = []
     ceilings = {dt: matmul_ceiling(dev, dt) for dt in dtypes}
     for dtype in dtypes:
-        fns = {"somoe": lambda: _ours(ours, prompts.tolist(), gen, dev, dtype, generate_ids)}
+        # bf16 rows cast both models' weights to bf16 (inference keeps no fp32 master copy);
+        # under autocast every decode step would cast every weight again, on both sides
+        tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
+        model = copy.deepcopy(ours).to(tdt)
+        fns = {"somoe": lambda model=model: _ours(model, prompts.tolist(), gen, generate_ids)}
         if with_hf:
-            hf = hf_gpt2(cfg.model, dev).eval()
-            fns["transformers_generate"] = lambda hf=hf: _hf(hf, prompts, new_tokens, dev, dtype)
+            hf = hf_gpt2(cfg.model, dev).eval().to(tdt)
+            fns["transformers_generate"] = lambda hf=hf: _hf(hf, prompts, new_tokens)
         for name, t in measure(fns, reps, dev, notes=notes).items():
             rows.append({"bench": "generate", "impl": name, "dtype": dtype, "preset": preset, "batch": batch,
                          "prompt_len": prompt_len, "new_tokens": new_tokens, **t,
@@ -56,17 +63,15 @@ def _decode_flops(model_cfg, batch: int, prompt_len: int, new_tokens: int) -> in
 
 
 @torch.no_grad()
-def _ours(model, prompts, gen, device, dtype, generate_ids):
-    with autocast(device, dtype):
-        out = generate_ids(model, prompts, gen, eos_id=-1, pad_id=0)
+def _ours(model, prompts, gen, generate_ids):
+    out = generate_ids(model, prompts, gen, eos_id=-1, pad_id=0)
     assert all(len(row) == gen.max_new_tokens for row in out)
 
 
 @torch.no_grad()
-def _hf(model, prompts, new_tokens, device, dtype):
-    with autocast(device, dtype):
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+def _hf(model, prompts, new_tokens):
+    out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
     assert out.shape[1] == prompts.shape[1] + new_tokens
 
 
