@@ -2,9 +2,12 @@
 
 Our models come from the presets (random token batches of the preset's
 batch size and sequence length); the reference is our GPT-2 baseline
-(``cpu_gpt2``) in the same dtype. ``transformers``' ``GPT2LMHeadModel`` runs
-at each GPT-2 preset's size (its learned positions and tied head differ
-slightly in parameter count; both are reported).
+(``cpu_gpt2``) in the same dtype. bf16 rows run bf16 autocast with fp32
+master weights and store SoME's frozen experts in bf16
+(``model.some.expert_dtype=bf16``), as ``somoe bench layer`` does.
+``transformers``' ``GPT2LMHeadModel`` runs at each GPT-2 preset's size (its
+learned positions and tied head differ slightly in parameter count; both
+are reported).
 """
 
 from __future__ import annotations
@@ -109,6 +112,8 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
         fns, meta = {}, {}
         for name in presets:
             cfg = load_config(preset=name, overrides=list(overrides))
+            if dtype == "bf16" and cfg.model.ffn == "some":  # bf16 rows store frozen experts in bf16 too
+                cfg = load_config(preset=name, overrides=[*overrides, "model.some.expert_dtype=bf16"])
             B, T = cfg.train.batch_size, cfg.data.seq_len
             torch.manual_seed(0)
             model = build_model(cfg.model, dev).train()
