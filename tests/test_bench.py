@@ -117,3 +117,22 @@ def test_cli_json_and_bad_grid(capsys):
     assert main(["bench", "layer", "--grid", "4:9"]) == 2
     assert "--grid" in capsys.readouterr().err
     assert main(["bench", "layer", "--dtypes", "fp16"]) == 2
+
+
+def test_train_bench_compiled_rows_and_bf16_some_experts(monkeypatch):
+    """--compile runs every model compiled (flagged per row); bf16 SoME rows store the experts in bf16."""
+    import somoe.models.transformer as transformer
+
+    built = {}
+    real_build = transformer.build_model
+
+    def recording_build(cfg, device="cpu"):
+        model = real_build(cfg, device)
+        built[cfg.ffn] = cfg.some.expert_dtype
+        return model
+
+    monkeypatch.setattr(transformer, "build_model", recording_build)
+    rows = bench_train(("cpu_some",), dtypes=("bf16",), reps=1, overrides=TINY_MODEL, compile=True)
+    assert all(r["compiled"] for r in rows) and {"cpu_gpt2", "cpu_some"} <= {r["impl"] for r in rows}
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert built["some"] == "bf16"
