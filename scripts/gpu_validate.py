@@ -191,8 +191,8 @@ def main() -> int:
     global DEV
     DEV = args.device
     if args.tiny:
-        TINY.extend(["model.d_model=64", "model.n_heads=4", "model.max_seq_len=64", "data.seq_len=64", "model.vocab_size=256",
-                     "model.d_ffn=128", "model.some.d_ffn=32"])
+        TINY.extend(["model.d_model=64", "model.n_heads=4", "model.max_seq_len=64", "data.seq_len=64",
+                     "model.vocab_size=256", "model.d_ffn=128", "model.some.d_ffn=32"])
     name = torch.cuda.get_device_name() if DEV == "cuda" else DEV
     print(torch.__version__, name, flush=True)
     for fn in (dispatch_at_seed000_shape, model_on_cuda_matches_cpu, sdpa_flash_runs_training_attention,
