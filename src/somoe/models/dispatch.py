@@ -453,7 +453,7 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
     with torch.autocast(x_SD.device.type, enabled=False):
         cap = _padded_cap_if_faster(x_SD, counts, dt, (w1_EDF, b1_EF, w2_EFD, b2_ED))
         if cap is not None:
-            return padded_frozen_mlp(x_SD, list(counts), cap, w1_EDF, b1_EF, w2_EFD, b2_ED, activation, gates_S)
+            return padded_frozen_mlp(x_SD, counts, cap, w1_EDF, b1_EF, w2_EFD, b2_ED, activation, gates_S)
         return _GroupedMLP.apply(x_SD.contiguous(), counts, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED)
 
 
@@ -463,7 +463,7 @@ def _padded_cap_if_faster(x_SD: torch.Tensor, counts: Counts, dt: torch.dtype, w
         return None
     if any(w is not None and w.requires_grad for w in weights):
         return None
-    return padded_capacity(list(counts))
+    return padded_capacity(counts)
 
 
 def grouped_swiglu(x_SD: torch.Tensor, counts: Counts, wg_EDF: torch.Tensor, w1_EDF: torch.Tensor,

@@ -217,8 +217,8 @@ class SoMELayer(FFN):
         learn from these queries. Measured on cpu_some, 200 steps: bf16 val loss 0.864 with a bf16
         router against 0.697 in fp32 (docs/benchmarks.md).
         """
-        router_dtype = next(self.query.parameters(), x_TD.new_empty(0, dtype=torch.float32)).dtype
-        with torch.autocast(x_TD.device.type, enabled=False):  # the weights' dtype: fp32 masters under autocast
+        router_dtype = next(self.query.parameters()).dtype  # fp32 masters under autocast
+        with torch.autocast(x_TD.device.type, enabled=False):
             return self._scores_fp32(x_TD.to(router_dtype))
 
     def _scores_fp32(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,17 +262,18 @@ class SoMELayer(FFN):
                         compute_dtype(x_TD, self.expert_w1.dtype))
         if self.out_scale is not None:
             y_TD = y_TD * self.out_scale.to(y_TD.dtype)
-        aux = self._aux_loss(scores_TE, idx_TK) if self.training and self.cfg.aux_loss_coef > 0 else None
+        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert, shared below
+        aux = self._aux_loss(scores_TE, counts_E) if self.training and self.cfg.aux_loss_coef > 0 else None
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
-            self._record_readouts(idx_TK, gates_TK)
+            self._tally.add(counts_E, gates_TK)
             if self._gathering():
-                self._accumulate(q_TD, q_raw_TD, idx_TK, gates_TK)
+                self._accumulate(q_TD, q_raw_TD, idx_TK, gates_TK, counts_E)
         return y_TD.view_as(x_BTD), aux
 
-    def _aux_loss(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Switch-style ``coef * E * sum_e f_e P_e`` (f: routed slot share, P: mean router probability)."""
         E = self.cfg.num_experts
-        f_E = expert_counts(idx_TK, E).float() / idx_TK.numel()
+        f_E = counts_E.float() / counts_E.sum()
         P_E = torch.softmax(scores_TE.float(), dim=-1).mean(0)
         return self.cfg.aux_loss_coef * E * (f_E * P_E).sum()
 
@@ -284,25 +285,27 @@ class SoMELayer(FFN):
 
     @torch.no_grad()
     def _accumulate(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
-                    gates_TK: torch.Tensor) -> None:
+                    gates_TK: torch.Tensor, counts_E: torch.Tensor | None = None) -> None:
+        """Add this batch to the step's statistics; ``counts_E``: the batch's slots per expert, if known."""
         with torch.autocast(q_TD.device.type, enabled=False):  # fp32 sums even inside a bf16 forward
             self._accumulate_fp32(q_TD.detach().float(), q_raw_TD.detach().float(), idx_TK,
-                                  gates_TK.detach().float())
+                                  gates_TK.detach().float(), counts_E)
 
     def _accumulate_fp32(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
-                         g_TK: torch.Tensor) -> None:
+                         g_TK: torch.Tensor, counts_E: torch.Tensor | None) -> None:
         if self.cfg.update_token_fraction < 1.0:
             T = q_TD.shape[0]
             m = max(1, round(self.cfg.update_token_fraction * T))
             rows = torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values.to(q_TD.device)
             q_TD, q_raw_TD, idx_TK, g_TK = q_TD[rows], q_raw_TD[rows], idx_TK[rows], g_TK[rows]
+            counts_E = None  # the forward's counts cover every token, not this sample
         T, K = idx_TK.shape
         e_S = idx_TK.reshape(-1)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
         gates_TE = torch.zeros(T, self.cfg.num_experts, device=g_TK.device).scatter_(1, idx_TK, g_TK)
         self.stat_q_sum += gates_TE.t() @ q_TD
         self.stat_gate += gates_TE.sum(0)
-        self.stat_count += expert_counts(e_S, self.cfg.num_experts).float()
+        self.stat_count += (expert_counts(e_S, self.cfg.num_experts) if counts_E is None else counts_E).float()
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
             # w[t, j, j'] = g[t, j'] for j' != j: the gate of every co-selected expert, without subtraction
             w_TKK = g_TK.unsqueeze(1) * (1.0 - torch.eye(K, device=g_TK.device))
@@ -424,10 +427,6 @@ class SoMELayer(FFN):
     # --- readouts (section 4) ------------------------------------------------------------
     def reset_readouts(self) -> None:
         self._tally.reset()
-
-    @torch.no_grad()
-    def _record_readouts(self, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> None:
-        self._tally.add(expert_counts(idx_TK, self.cfg.num_experts), gates_TK)
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:

@@ -130,7 +130,7 @@ def decay_delta(keys_ED: torch.Tensor, dormant_E: torch.Tensor, target: torch.Te
 
     ``target`` is one point for every expert (D) or one per expert (E x D).
     """
-    move_ED = delta * ((target if target.dim() == 2 else target.unsqueeze(0)) - keys_ED)
+    move_ED = delta * (target - keys_ED)  # broadcasts a (D,) target over the experts
     return torch.where(dormant_E.unsqueeze(1), move_ED, torch.zeros_like(keys_ED))
 
 
