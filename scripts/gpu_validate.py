@@ -94,13 +94,13 @@ def batch(cfg, B=4, T=256):
 
 
 def model_on_cuda_matches_cpu() -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on CUDA compared with CPU fp32
     for preset in ("seed000_gpt2", "seed000_some"):
         cfg, model = small(preset)
         x = batch(cfg)
         ref = model(x, x).loss
         cuda = model.to(DEV)
         xc = x.to(DEV)
-        torch.backends.cuda.matmul.allow_tf32 = False
         record(f"{preset}_cuda_fp32_loss", abs(float(cuda(xc, xc).loss) - float(ref)) / float(ref), 1e-4)
         with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = cuda(xc, xc).loss
@@ -161,9 +161,8 @@ def compile_matches_eager() -> None:
         def step(m, bf16: bool):
             for p in params:
                 p.grad = None
-            for f in model.ffns():  # each step starts from the same (empty) SoME statistics
-                if hasattr(f, "_clear_statistics"):
-                    f._clear_statistics()
+            for f in model.self_organizing_layers():  # each step starts from the same (empty) statistics
+                f._clear_statistics()
             with torch.autocast(DEV, dtype=torch.bfloat16, enabled=bf16):
                 loss = m(x, x).loss
             loss.backward()

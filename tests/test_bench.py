@@ -15,7 +15,6 @@ from somoe.bench.memory import memory_report
 from somoe.bench.train import bench_train
 from somoe.cli import main
 
-SHAPE = ("dtype", "tokens", "d_model", "num_experts", "top_k", "d_ffn")
 TINY_MODEL = ("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_size=64",
               "model.max_seq_len=16", "data.seq_len=16", "train.batch_size=2", "model.d_ffn=64",
               "model.some.num_experts=8", "model.some.top_k=5", "model.some.d_ffn=8")

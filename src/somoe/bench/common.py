@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from typing import Callable
@@ -59,13 +58,6 @@ def measure(fns: dict[str, Callable[[], object]], reps: int, device: torch.devic
     return {k: {"ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k])} for k in fns}
 
 
-def autocast(device: torch.device, dtype: str):
-    """bf16: autocast for the trainable parts (fp32 master weights); fp32: nothing."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def matmul_ceiling(device: torch.device, dtype: str, n: int | None = None, reps: int = 5) -> float:
     """FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` right now: the machine's own ceiling.
 
@@ -79,12 +71,11 @@ def matmul_ceiling(device: torch.device, dtype: str, n: int | None = None, reps:
     return 2 * n ** 3 / (ms / 1e3)
 
 
-def add_ratios(rows: list[dict], reference: str, keys: tuple[str, ...], field: str = "ms",
-               higher_is_better: bool = False) -> None:
+def add_ratios(rows: list[dict], reference: str, keys: tuple[str, ...], field: str = "ms") -> None:
     """Set ``reference`` and ``ratio`` on every row: its ``field`` over the reference row's with equal ``keys``.
 
     For times (``ms``) ratio < 1 means faster than the reference; for rates
-    (``tokens_per_s``, ``higher_is_better``) ratio > 1 means faster.
+    (``tokens_per_s``) ratio > 1 means faster.
     """
     refs = {tuple(r[k] for k in keys): r for r in rows if r["impl"] == reference}
     for r in rows:

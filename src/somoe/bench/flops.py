@@ -17,14 +17,14 @@ def dense_ffn(T: int, d: int, hidden: int, gated: bool = False, backward: bool =
     return (3 if gated else 2) * linear(T, d, hidden, backward=backward)
 
 
-def some_layer(T: int, d: int, E: int, k: int, d_ffn: int) -> int:
-    """Query net (d x d, trained), scores against E keys (the query's gradient), frozen experts."""
-    router = linear(T, d, d) + 2 * T * d * E * 2
-    return router + 2 * linear(T * k, d, d_ffn, trained=False)
+def some_layer(T: int, d: int, E: int, k: int, d_ffn: int, backward: bool = True) -> int:
+    """Query net (d x d, trained), scores against E keys (backward: the query's gradient only), frozen experts."""
+    router = linear(T, d, d, backward=backward) + 2 * T * d * E * (2 if backward else 1)
+    return router + 2 * linear(T * k, d, d_ffn, trained=False, backward=backward)
 
 
-def moe_layer(T: int, d: int, E: int, k: int, d_ffn: int, gated: bool = False) -> int:
-    return linear(T, d, E) + (3 if gated else 2) * linear(T * k, d, d_ffn)
+def moe_layer(T: int, d: int, E: int, k: int, d_ffn: int, gated: bool = False, backward: bool = True) -> int:
+    return linear(T, d, E, backward=backward) + (3 if gated else 2) * linear(T * k, d, d_ffn, backward=backward)
 
 
 def transformer(tokens: int, d: int, n_layers: int, vocab: int, seq: int, ffn_per_layer: int,

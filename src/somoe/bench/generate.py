@@ -21,7 +21,7 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
                    new_tokens: int = 64, reps: int = 3, device: str = "cpu", overrides: tuple[str, ...] = (),
                    notes: list[str] | None = None) -> list[dict]:
     from ..config import load_config
-    from ..generate import GenerationConfig, generate_ids
+    from ..generate import GenerationConfig
     from ..models.transformer import build_model
 
     dev = torch.device(device)
@@ -32,6 +32,7 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
     torch.manual_seed(0)
     ours = build_model(cfg.model, dev).eval()
     prompts = torch.randint(1, cfg.model.vocab_size, (batch, prompt_len), device=dev)
+    prompt_ids = prompts.tolist()  # our API takes token lists; converted once, outside the timing
     gen = GenerationConfig(max_new_tokens=new_tokens, greedy=True, stop_at_eos=False)
     rows: list[dict] = []
     ceilings = {dt: matmul_ceiling(dev, dt) for dt in dtypes}
@@ -40,7 +41,7 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
         # under autocast every decode step would cast every weight again, on both sides
         tdt = torch.bfloat16 if dtype == "bf16" else torch.float32
         model = copy.deepcopy(ours).to(tdt)
-        fns = {"somoe": lambda model=model: _ours(model, prompts.tolist(), gen, generate_ids)}
+        fns = {"somoe": lambda model=model: _ours(model, prompt_ids, gen)}
         if with_hf:
             hf = hf_gpt2(cfg.model, dev).eval().to(tdt)
             fns["transformers_generate"] = lambda hf=hf: _hf(hf, prompts, new_tokens)
@@ -63,7 +64,9 @@ def _decode_flops(model_cfg, batch: int, prompt_len: int, new_tokens: int) -> in
 
 
 @torch.no_grad()
-def _ours(model, prompts, gen, generate_ids):
+def _ours(model, prompts, gen):
+    from ..generate import generate_ids
+
     out = generate_ids(model, prompts, gen, eos_id=-1, pad_id=0)
     assert all(len(row) == gen.max_new_tokens for row in out)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from . import flops
-from .common import HF_MISSING, add_mfu, add_ratios, autocast, hf_available, matmul_ceiling, measure
+from ..train.runtime import autocast_factory
+from .common import HF_MISSING, add_mfu, add_ratios, hf_available, matmul_ceiling, measure
 
 DEFAULT_GRID = ((8, 2), (64, 4), (128, 8))
+SHAPE_KEYS = ("dtype", "tokens", "d_model", "num_experts", "top_k", "d_ffn")  # rows compared with each other
 QUICK_GRID = ((64, 4),)
 
 
@@ -89,9 +91,11 @@ def _mixtral_block(shape: LayerShape, impl: str) -> torch.nn.Module | None:
 
 
 def _step(layer: torch.nn.Module, x: torch.Tensor, device: torch.device, dtype: str):
+    amp = autocast_factory(dtype, device)
+
     def run():
         x.grad = None
-        with autocast(device, dtype):
+        with amp():
             out = layer(x)
         y = out[0] if isinstance(out, tuple) else out
         loss = y.float().sum()
@@ -130,7 +134,7 @@ def bench_layer(grid=DEFAULT_GRID, dtypes=("fp32", "bf16"), tokens: int = 4096, 
                 rows.append({"bench": "layer", "impl": name, "dtype": dtype, **shape.fields(), **t,
                              "flops": layer_flops(name, shape), "threads": torch.get_num_threads(),
                              "device": dev.type})
-    add_ratios(rows, "dense", ("dtype", "tokens", "d_model", "num_experts", "top_k", "d_ffn"))
+    add_ratios(rows, "dense", SHAPE_KEYS)
     _speedup_vs_transformers(rows)
     add_mfu(rows, ceilings)
     return rows
@@ -139,14 +143,13 @@ def bench_layer(grid=DEFAULT_GRID, dtypes=("fp32", "bf16"), tokens: int = 4096, 
 def _speedup_vs_transformers(rows: list[dict]) -> None:
     """``speedup_vs_transformers`` on our rows: the fastest transformers block's ms / ours, same
     shape and dtype (``transformers_reference`` names which implementation that was)."""
-    key = ("dtype", "tokens", "d_model", "num_experts", "top_k", "d_ffn")
     fastest: dict[tuple, dict] = {}
     for r in rows:
-        k = tuple(r[f] for f in key)
+        k = tuple(r[f] for f in SHAPE_KEYS)
         if r["impl"].startswith("transformers") and (k not in fastest or r["ms"] < fastest[k]["ms"]):
             fastest[k] = r
     for r in rows:
-        ref = fastest.get(tuple(r[k] for k in key))
+        ref = fastest.get(tuple(r[k] for k in SHAPE_KEYS))
         if ref is not None and r["impl"] in ("some", "moe"):
             r["speedup_vs_transformers"] = ref["ms"] / r["ms"]
             r["transformers_reference"] = ref["impl"]

@@ -23,8 +23,12 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _is_expert(name: str) -> bool:
+    return ".expert_w" in name or ".expert_b" in name
+
+
 def _expert_buffers(model) -> list[torch.Tensor]:
-    return [b for name, b in model.named_buffers() if ".expert_w" in name or ".expert_b" in name]
+    return [b for name, b in model.named_buffers() if _is_expert(name)]
 
 
 def memory_report(preset: str, batch: int = 1, seq_len: int | None = None, measure: bool = True,
@@ -43,18 +47,19 @@ def memory_report(preset: str, batch: int = 1, seq_len: int | None = None, measu
     in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
     frozen_ids = {id(b) for b in frozen}
     state = model.state_dict()
+    trainable_bytes = _nbytes(trainable)
     row = {
         "bench": "memory", "impl": preset, "preset": preset,
         "dtype": cfg.model.some.expert_dtype if cfg.model.ffn == "some" else "fp32",
         "batch": batch, "seq_len": T,
         "params_trainable": sum(p.numel() for p in trainable),
         "params_frozen": sum(b.numel() for b in frozen),
-        "param_bytes": _nbytes(trainable), "frozen_bytes": _nbytes(frozen),
-        "grad_bytes": _nbytes(trainable),
+        "param_bytes": trainable_bytes, "frozen_bytes": _nbytes(frozen),
+        "grad_bytes": trainable_bytes,
         "optimizer_state_bytes": 2 * 4 * sum(p.numel() for p in in_optimizer),  # AdamW exp_avg + exp_avg_sq, fp32
         "frozen_in_optimizer": sum(1 for p in in_optimizer if id(p) in frozen_ids),
         "checkpoint_bytes": _nbytes(state.values()),
-        "frozen_in_checkpoint_bytes": _nbytes(v for k, v in state.items() if ".expert_w" in k or ".expert_b" in k),
+        "frozen_in_checkpoint_bytes": _nbytes(v for k, v in state.items() if _is_expert(k)),
         "weight_ema": "none (the trainer keeps no EMA of weights; SoME's usage/key EMAs are E x d buffers)",
     }
     if measure:

@@ -15,48 +15,32 @@ from __future__ import annotations
 import torch
 
 from . import flops
-from .common import HF_MISSING, add_mfu, autocast, hf_available, matmul_ceiling, measure
+from ..train.runtime import autocast_factory
+from .common import HF_MISSING, add_mfu, hf_available, matmul_ceiling, measure
 
 DEFAULT_PRESETS = ("cpu_gpt2", "cpu_some", "quickstart")
 REFERENCE = "cpu_gpt2"
-
-
-def _adamw(params: list, device: torch.device) -> torch.optim.Optimizer:
-    # fused on CUDA, as the trainer does, for ours and transformers' alike
-    return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
 
 def _compiled(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
     return torch.compile(model) if compile else model
 
 
-def _our_step(model, optimizer, x, y, device, dtype, raw_model=None):
-    from ..models.ffn import SelfOrganizing
-
-    organizers = [m for m in (raw_model or model).ffns() if isinstance(m, SelfOrganizing)]
+def _step(loss_fn, model, optimizer, precision: str, device: torch.device):
+    """One training step: forward (``loss_fn``) under the precision's autocast, backward, clip,
+    AdamW, then the SoME rules of any self-organizing layer (ours; transformers' model has none)."""
+    organizers = getattr(model, "self_organizing_layers", list)()
+    amp = autocast_factory(precision, device)
 
     def run():
-        with autocast(device, dtype):
-            out = model(x, y)
-        loss = out.ce_loss if out.aux_loss is None else out.ce_loss + out.aux_loss
+        with amp():
+            loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for layer in organizers:
             layer.self_organize(1, 100)
-
-    return run
-
-
-def _hf_step(model, optimizer, x, device, dtype):
-    def run():
-        with autocast(device, dtype):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     return run
 
@@ -77,15 +61,11 @@ def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
     c, T = model_cfg, batch * seq
     if c.ffn == "some":
         s = c.some
-        ffn = flops.some_layer(T, c.d_model, s.num_experts, s.top_k, s.d_ffn)
-        if not backward:
-            ffn = flops.linear(T, c.d_model, c.d_model, backward=False) + 2 * flops.linear(
-                T * s.top_k, c.d_model, s.d_ffn, backward=False)
+        ffn = flops.some_layer(T, c.d_model, s.num_experts, s.top_k, s.d_ffn, backward=backward)
     elif c.ffn == "moe":
-        gated = c.activation == "swiglu"
         m = c.moe
-        width = m.d_ffn or c.ffn_hidden
-        ffn = (3 if gated else 2) * flops.linear(T * m.top_k, c.d_model, width, backward=backward)
+        ffn = flops.moe_layer(T, c.d_model, m.num_experts, m.top_k, m.d_ffn or c.ffn_hidden,
+                              gated=c.activation == "swiglu", backward=backward)
     else:
         ffn = flops.dense_ffn(T, c.d_model, c.ffn_hidden, gated=c.activation == "swiglu", backward=backward)
     return flops.transformer(T, c.d_model, c.n_layers, c.vocab_size, seq, ffn, backward=backward)
@@ -100,32 +80,35 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
     """
     from ..config import load_config
     from ..models.transformer import build_model
+    from ..train.optim import build_optimizer
 
     dev = torch.device(device)
     with_hf = hf_available()
     if not with_hf and notes is not None:
         notes.append(HF_MISSING)
     presets = list(dict.fromkeys([REFERENCE, *presets]))
+    configs = {name: load_config(preset=name, overrides=list(overrides)) for name in presets}
     rows: list[dict] = []
     ceilings = {dt: matmul_ceiling(dev, dt) for dt in dtypes}
     for dtype in dtypes:
         fns, meta = {}, {}
-        for name in presets:
-            cfg = load_config(preset=name, overrides=list(overrides))
+        for name, cfg in configs.items():
             if dtype == "bf16" and cfg.model.ffn == "some":  # bf16 rows store frozen experts in bf16 too
                 cfg = load_config(preset=name, overrides=[*overrides, "model.some.expert_dtype=bf16"])
             B, T = cfg.train.batch_size, cfg.data.seq_len
             torch.manual_seed(0)
             model = build_model(cfg.model, dev).train()
-            opt = _adamw([p for p in model.parameters() if p.requires_grad], dev)
             x = torch.randint(0, cfg.model.vocab_size, (B, T), device=dev)
-            fns[name] = _our_step(_compiled(model, compile), opt, x, x, dev, dtype, model)
+            m = _compiled(model, compile)
+            fns[name] = _step(lambda m=m, x=x: m(x, x).loss, model, build_optimizer(model, cfg.train, dev.type),
+                              dtype, dev)
             meta[name] = (cfg, model.param_counts())
             if with_hf and cfg.model.ffn == "dense" and cfg.model.backbone == "gpt2":
                 hf = hf_gpt2(cfg.model, dev)
                 hf_name = f"transformers_gpt2@{name}"
-                fns[hf_name] = _hf_step(_compiled(hf, compile), _adamw(list(hf.parameters()), dev), x, dev,
-                                        dtype)
+                h = _compiled(hf, compile)
+                fns[hf_name] = _step(lambda h=h, x=x: h(input_ids=x, labels=x).loss, hf,
+                                     build_optimizer(hf, cfg.train, dev.type), dtype, dev)
                 n = sum(p.numel() for p in hf.parameters())
                 meta[hf_name] = (cfg, {"total": n, "trainable": n})
         times = measure(fns, reps, dev, notes=notes)
