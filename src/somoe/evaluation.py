@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .analysis.streams import file_stream, run_val_stream
 from .data import eval_batches
-from .eval import evaluate
-from .runs import load_run
+from .eval import EvalResult, evaluate
+from .runs import LoadedRun, file_stream, load_run, run_val_stream
 from .train.runtime import autocast_factory, resolve_precision
+
+
+def evaluate_loaded(loaded: LoadedRun, batches, adapt: bool = False, on_batch=None) -> EvalResult:
+    """Score ``batches`` with a loaded run on its device, in the precision its config resolves to."""
+    dev = next(loaded.model.parameters()).device
+    autocast = autocast_factory(resolve_precision(loaded.cfg.train.precision, dev), dev)
+    return evaluate(loaded.model, batches, loaded.tokenizer.token_byte_lengths(), dev, autocast, adapt=adapt,
+                    on_batch=on_batch)
 
 
 def evaluate_run(run: str | Path, data: str | None = None, adapt: bool = False, max_batches: int = 0,
@@ -17,12 +24,7 @@ def evaluate_run(run: str | Path, data: str | None = None, adapt: bool = False, 
     loaded = load_run(run, device=device, which=which)
     cfg = loaded.cfg
     stream = file_stream(data, loaded) if data else run_val_stream(loaded)
-    model = loaded.model
-    dev = next(model.parameters()).device
-    precision = resolve_precision(cfg.train.precision, dev)
     windows = eval_batches(stream, cfg.data.seq_len, batch_size, max_batches, pad_id=loaded.tokenizer.pad_id)
-    result = evaluate(model, windows, loaded.tokenizer.token_byte_lengths(), dev,
-                      autocast_factory(precision, dev), adapt=adapt)
-    out = result.as_dict()
+    out = evaluate_loaded(loaded, windows, adapt=adapt).as_dict()
     out["checkpoint"] = str(loaded.checkpoint)
     return out

@@ -58,7 +58,7 @@ def train_preset(preset: str, run_dir: Path, overrides: list[str]):
 
 def run_quickstart(args) -> int:
     from .generate import GenerationConfig, generate_text
-    from .report import comparison_table
+    from .report import comparison_table, summarize_run
 
     presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
     if args.moe and MOE_PRESET not in presets:
@@ -74,7 +74,7 @@ def run_quickstart(args) -> int:
         trainer = train_preset(preset, out / preset, overrides)
         gen = GenerationConfig(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=0)
         samples[preset] = generate_text(trainer.model, trainer.data.tokenizer, [SAMPLE_PROMPT], gen)[0]
-    print("\n" + comparison_table([out / p for p in presets]))
+    print("\n" + comparison_table([summarize_run(out / p) for p in presets]))
     for preset, text in samples.items():
         print(f"\n--- {preset} sample ---\n{SAMPLE_PROMPT}{text}")
     return 0

@@ -134,15 +134,14 @@ def write_report(run_dir: Path) -> str:
     return write_summary(run_dir)
 
 
-def comparison_table(run_dirs: list[Path], labels: list[str] | None = None) -> str:
-    """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing).
-
-    ``labels`` replace the config names in the first column (runs of one preset share a name)."""
+def comparison_table(summaries: list[dict[str, Any]], labels: list[str] | None = None) -> str:
+    """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing) from their
+    :func:`summarize_run` dicts. ``labels`` replace the config names in the first column (runs of one
+    preset share a name)."""
     header = ("run", "ffn", "val loss", "ppl", "bpb", "trainable", "total", "tokens", "tok/s", "mid gini",
               "mid H bits")
     rows = [header]
-    for i, run in enumerate(run_dirs):
-        s = summarize_run(run)
+    for i, s in enumerate(summaries):
         rows.append((
             labels[i] if labels else s["name"], s["ffn"], _fmt(s["best_val_loss"]), _fmt(s["best_val_ppl"], ".3f"),
             _fmt(s["best_val_bpb"]), _millions(s["params_trainable"]), _millions(s["params_total"]),

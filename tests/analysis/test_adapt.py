@@ -7,7 +7,7 @@ import json
 import torch
 
 from somoe.analysis.adaptation import run_mode, som_state, split_shift
-from somoe.analysis.streams import file_stream, run_val_stream
+from somoe.runs import file_stream, run_val_stream
 from somoe.cli import main
 from somoe.runs import load_run
 

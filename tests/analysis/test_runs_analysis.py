@@ -11,7 +11,7 @@ import pytest
 from somoe.analysis.compare import compare_runs
 from somoe.analysis.keys import load_run_keys, select_checkpoints
 from somoe.analysis.specialization import LayerRouting, expert_tokens, route_counts
-from somoe.analysis.streams import run_val_stream
+from somoe.runs import run_val_stream
 from somoe.analysis.usage import gini
 from somoe.cli import main
 from somoe.report import read_metrics

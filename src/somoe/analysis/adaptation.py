@@ -1,6 +1,7 @@
 """Ablation C (seed 001): does address-only plasticity help under a domain shift?
 
-The same checkpoint is loaded afresh for each mode and reads the same stream:
+Both modes start from the same checkpoint state (frozen mode runs first and changes no buffer)
+and read the same stream:
 ``pre`` batches of held-out in-domain text, then ``shift`` batches of
 out-of-domain text. In ``frozen`` mode the keys never move; in ``active`` mode
 every SoME layer gathers statistics in the forward and applies its
@@ -13,6 +14,7 @@ the stream left them, both modes are scored on held-out out-of-domain text
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,9 +24,8 @@ import torch
 
 from ..config import ConfigError
 from ..data import TokenStream, eval_batches
-from ..eval import evaluate
+from ..data.batches import eval_windows
 from ..runs import LoadedRun, load_run
-from ..train.runtime import autocast_factory, resolve_precision
 
 MODES = ("frozen", "active")
 
@@ -47,21 +48,28 @@ class ModeResult:
     key_move: float = 0.0  # mean over layers and experts of ||k_after - k_before|| (unit keys: chord length)
 
 
-def _batches(stream: TokenStream, seq_len: int, batch_size: int) -> list:
-    return list(eval_batches(stream, seq_len, batch_size, 0))
+def _n_batches(stream: TokenStream, seq_len: int, batch_size: int) -> int:
+    return math.ceil(eval_windows(len(stream), seq_len) / batch_size)
+
+
+def _batches(stream: TokenStream, seq_len: int, batch_size: int, start: int, stop: int) -> list:
+    """Batches ``start:stop`` of the stream's eval batches (only those are built)."""
+    return list(itertools.islice(eval_batches(stream, seq_len, batch_size, 0), start, stop))
 
 
 def split_shift(in_stream: TokenStream, ood_stream: TokenStream, seq_len: int, batch_size: int, pre: int,
                 shift: int, heldout: int) -> ShiftData:
     """Disjoint batches: in-domain [stream | held-out], out-of-domain [stream | held-out]."""
-    ins, oods = _batches(in_stream, seq_len, batch_size), _batches(ood_stream, seq_len, batch_size)
-    if pre + heldout > len(ins):
-        raise ConfigError(f"the in-domain text has {len(ins)} batches of {batch_size}x{seq_len}, fewer than "
+    n_in, n_ood = _n_batches(in_stream, seq_len, batch_size), _n_batches(ood_stream, seq_len, batch_size)
+    if pre + heldout > n_in:
+        raise ConfigError(f"the in-domain text has {n_in} batches of {batch_size}x{seq_len}, fewer than "
                           f"--pre-batches {pre} + --heldout-batches {heldout}; lower them")
-    if shift + heldout > len(oods):
-        raise ConfigError(f"the shift text has {len(oods)} batches of {batch_size}x{seq_len}, fewer than "
+    if shift + heldout > n_ood:
+        raise ConfigError(f"the shift text has {n_ood} batches of {batch_size}x{seq_len}, fewer than "
                           f"--shift-batches {shift} + --heldout-batches {heldout}; lower them or use more text")
-    return ShiftData(ins[:pre] + oods[:shift], pre, ins[len(ins) - heldout:], oods[shift:shift + heldout])
+    ood = _batches(ood_stream, seq_len, batch_size, 0, shift + heldout)
+    return ShiftData(_batches(in_stream, seq_len, batch_size, 0, pre) + ood[:shift], pre,
+                     _batches(in_stream, seq_len, batch_size, n_in - heldout, n_in), ood[shift:])
 
 
 def som_state(model) -> dict[str, torch.Tensor]:
@@ -71,11 +79,9 @@ def som_state(model) -> dict[str, torch.Tensor]:
 
 
 def _score(loaded: LoadedRun, batches: list, adapt: bool, on_batch=None) -> dict:
-    model = loaded.model
-    dev = next(model.parameters()).device
-    autocast = autocast_factory(resolve_precision(loaded.cfg.train.precision, dev), dev)
-    result = evaluate(model, batches, loaded.tokenizer.token_byte_lengths(), dev, autocast, adapt=adapt,
-                      on_batch=on_batch)
+    from ..evaluation import evaluate_loaded
+
+    result = evaluate_loaded(loaded, batches, adapt=adapt, on_batch=on_batch)
     return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb, "tokens": result.tokens}
 
 
@@ -101,10 +107,9 @@ def run_mode(loaded: LoadedRun, data: ShiftData, mode: str) -> ModeResult:
 
 
 def plot_adaptation(results: list[ModeResult], shift_at: int, title: str, path: Path) -> Path:
-    from .plots import pyplot
+    from .plots import pyplot, save
 
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(13, 4.2))
     for r, color in zip(results, ("C0", "C3")):
         ppl = [math.exp(min(v, 50)) for v in r.stream_loss]
         axes[0].plot(range(len(ppl)), ppl, "o-", ms=3, color=color, label=f"{r.mode} keys")
@@ -120,10 +125,7 @@ def plot_adaptation(results: list[ModeResult], shift_at: int, title: str, path: 
     axes[1].set(xlabel="stream batch", ylabel="loss active - frozen (nats/token)",
                 title="per-batch effect of self-organization (< 0: it helps)")
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _mean(values: list[float], tokens: list[int]) -> float:
@@ -134,16 +136,15 @@ def run_adaptation(run: str | Path, shift_data: str, out: str | Path | None = No
                    pre: int = 8, shift: int = 24, heldout: int = 8, batch_size: int = 8, which: str = "last",
                    device: str = "cpu", log=print) -> dict:
     """Ablation C on one checkpoint; writes adapt.md / adapt.json / adapt.png into ``out`` (default RUN/adapt)."""
-    from .streams import file_stream, run_val_stream
+    from ..runs import file_stream, run_val_stream
 
     first = load_run(run, device=device, which=which)
     in_stream = file_stream(in_data, first) if in_data else run_val_stream(first)
     data = split_shift(in_stream, file_stream(shift_data, first), first.cfg.data.seq_len, batch_size, pre, shift,
                        heldout)
     results, modes = [], {}
-    for mode in MODES:
-        loaded = first if mode == MODES[0] else load_run(run, device=device, which=which)  # same checkpoint state
-        r = run_mode(loaded, data, mode)
+    for mode in MODES:  # frozen first: it leaves every buffer as loaded (tests/analysis/test_adapt.py), so
+        r = run_mode(first, data, mode)  # the active mode starts from the checkpoint state too
         results.append(r)
         m = modes[mode] = {"stream_loss": r.stream_loss, "stream_tokens": r.stream_tokens,
                            "stream_ppl_in": math.exp(_mean(r.stream_loss[:pre], r.stream_tokens[:pre])),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..report import comparison_table, read_metrics, summarize_run
-from .plots import pyplot
+from .plots import pyplot, save
 
 
 def check_runs(run_dirs: list[Path]) -> None:
@@ -45,10 +45,7 @@ def plot_comparison(run_dirs: list[Path], summaries: list[dict], labels: list[st
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def compare_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> str:
@@ -59,7 +56,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -
     out.mkdir(parents=True, exist_ok=True)
     summaries = [summarize_run(r) for r in run_dirs]
     labels = run_labels(run_dirs, summaries)
-    table = comparison_table(run_dirs, labels)
+    table = comparison_table(summaries, labels)
     plot_comparison(run_dirs, summaries, labels, out / "compare.png", title)
     rows = [{**s, "run_dir": str(r)} for s, r in zip(summaries, run_dirs)]
     (out / "compare.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from ..train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints, read_trainer_state
+from ..train.checkpoint import STEP_DIR, CheckpointError, check_checkpoint, list_checkpoints, read_trainer_state
 
 _KEY = re.compile(r"^blocks\.(\d+)\.ffn\.key_store$")
 
@@ -73,7 +73,7 @@ def select_checkpoints(run_dir: str | Path, spec: str = "all") -> list[Path]:
         return found
     if spec == "last":
         return found[-1:]
-    by_step = {int(p.name.split("-")[1]): p for p in found}
+    by_step = {int(STEP_DIR.match(p.name).group(1)): p for p in found}
     chosen = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         try:

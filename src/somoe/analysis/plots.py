@@ -29,7 +29,8 @@ def _grid(n: int, size: float = 4.5):
     return fig, list(axes.flat[:n])
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
+    """Lay out, write at 110 dpi, close; the figures of every analysis go through here."""
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     pyplot().close(fig)
@@ -42,16 +43,15 @@ def galaxy_plot(panels: list[tuple[str, np.ndarray, np.ndarray, Clustering]], ti
     for ax, (label, xy, usage, clustering) in zip(axes, panels):
         E = usage.size
         sizes = 12 + 400 * np.clip(usage * E, 0, None) / max(float((usage * E).max()), 1e-9)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], s=sizes, c=clustering.labels, cmap="tab10", vmin=0, vmax=9,
+        ax.scatter(xy[:, 0], xy[:, 1], s=sizes, c=clustering.labels, cmap="tab10", vmin=0, vmax=9,
                         alpha=0.75, edgecolors="k", linewidths=0.4)
         for e in np.argsort(-usage)[:5]:  # name the busiest experts
             ax.annotate(str(e), xy[e], fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_title(f"{label}\n{clustering.k} clusters, sizes {clustering.sizes()}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-        del sc
     fig.suptitle(title + "  (point size = usage, colour = cluster)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def trajectory_plot(trajs: list[Trajectories], labels: list[np.ndarray], title: str, path: Path) -> Path:
@@ -73,7 +73,7 @@ def trajectory_plot(trajs: list[Trajectories], labels: list[np.ndarray], title: 
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def usage_histograms(usages: dict[int, np.ndarray], title: str, path: Path) -> Path:
@@ -88,7 +88,7 @@ def usage_histograms(usages: dict[int, np.ndarray], title: str, path: Path) -> P
                                                            f"min {rel.min():.2f}/E")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def readouts_over_training(evals: list[dict], layers: list[int], title: str, path: Path) -> Path | None:
@@ -107,4 +107,4 @@ def readouts_over_training(evals: list[dict], layers: list[int], title: str, pat
         ax.set(xlabel="step", ylabel=label, title=label + " at each eval")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)

@@ -19,14 +19,13 @@ from .keys import load_run_keys
 from .trajectories import key_trajectories
 
 
-def _layer_summary(states, layer: int, method: str, k: int | None) -> dict:
+def _layer_summary(states, layer: int, clustering) -> dict:
     last = states[-1].layers[layer]
-    clustering = cluster_keys(last.keys, k=k, method=method)
     centers = galactic_centers(last.usage)
     dormancy = dormancy_history(states, layer)
     E = last.num_experts
     return {
-        "layer": layer, "experts": E, "clustering": clustering,
+        "layer": layer, "experts": E, "cluster_labels": clustering.labels.tolist(),
         "clusters": clustering.k, "cluster_sizes": clustering.sizes(), "silhouette": clustering.silhouette,
         "cluster_usage": cluster_usage(clustering, last.usage),
         "centers": [{"expert": int(e), "usage_x_E": float(last.usage[e] * E)} for e in centers],
@@ -51,11 +50,12 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path |
     log(f"analyzing {name}: {len(states)} checkpoint(s) (steps {', '.join(str(s.step) for s in states)}), "
         f"SoME layers {layers}")
 
-    summaries = {i: _layer_summary(states, i, method, k) for i in layers}
+    clusterings = {i: cluster_keys(last.layers[i].keys, k=k, method=method) for i in layers}
+    summaries = {i: _layer_summary(states, i, clusterings[i]) for i in layers}
     figures = {}
     pca_panels, tsne_panels = [], []
     for i in layers:
-        lk, clustering = last.layers[i], summaries[i]["clustering"]
+        lk, clustering = last.layers[i], clusterings[i]
         xy, var = pca_2d(lk.keys)
         summaries[i]["pca_variance"] = [float(v) for v in var]
         pca_panels.append((f"layer {i} PCA ({100 * var.sum():.0f}% var)", xy, lk.usage, clustering))
@@ -67,7 +67,7 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path |
     if len(states) > 1:
         trajs = [key_trajectories(states, i) for i in layers]
         figures["trajectories"] = plots.trajectory_plot(
-            trajs, [summaries[i]["clustering"].labels for i in layers],
+            trajs, [clusterings[i].labels for i in layers],
             f"{name}: key movement across checkpoints (one shared PCA per layer)", out / "trajectories.png")
         for tr in trajs:
             summaries[tr.layer]["drift_between_checkpoints"] = [float(d) for d in tr.drift]
@@ -81,22 +81,18 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path |
         figures["readouts"] = readouts
 
     specialization = _specialization(run_dir, data, sample_batches, device, log)
-    report = _markdown(name, run_dir, states, summaries, figures, evals, layers, specialization, out)
+    report = _markdown(name, run_dir, states, summaries, figures, evals, layers, specialization)
     (out / "analysis.md").write_text(report, encoding="utf-8")
     raw = {"run": str(run_dir), "steps": [s.step for s in states], "center_factor": CENTER_FACTOR,
-           "layers": {str(i): {k2: v for k2, v in s.items() if k2 != "clustering"} for i, s in summaries.items()},
-           "specialization": specialization}
-    for i in layers:
-        raw["layers"][str(i)]["cluster_labels"] = summaries[i]["clustering"].labels.tolist()
+           "layers": {str(i): s for i, s in summaries.items()}, "specialization": specialization}
     (out / "analysis.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
     log(f"wrote {out / 'analysis.md'} and {len(figures)} figures")
     return out / "analysis.md"
 
 
 def _specialization(run_dir: Path, data: str | None, batches: int, device: str, log) -> dict:
-    from ..runs import load_run
+    from ..runs import file_stream, load_run, run_val_stream
     from .specialization import expert_tokens, route_counts
-    from .streams import file_stream, run_val_stream
 
     loaded = load_run(run_dir, device=device)
     stream = file_stream(data, loaded) if data else run_val_stream(loaded)
@@ -111,7 +107,7 @@ def _specialization(run_dir: Path, data: str | None, batches: int, device: str, 
     return out
 
 
-def _markdown(name, run_dir, states, summaries, figures, evals, layers, specialization, out: Path) -> str:
+def _markdown(name, run_dir, states, summaries, figures, evals, layers, specialization) -> str:
     last = states[-1]
     lines = [f"# Analysis of `{name}`", "",
              f"Run folder `{run_dir}`; checkpoints analysed: steps {', '.join(str(s.step) for s in states)} "

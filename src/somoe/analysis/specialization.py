@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data import BPETokenizer, TokenStream, eval_batches
+from ..models.ffn import SelfOrganizing
 
 
 @dataclass
@@ -40,22 +41,21 @@ class LayerRouting:
 def route_counts(model, stream: TokenStream, seq_len: int, batch_size: int = 8, max_batches: int = 20,
                  pad_id: int = 0) -> dict[int, LayerRouting]:
     """(expert, token) slot counts of every SoME layer over the first ``max_batches`` windows of ``stream``."""
-    layers = model.self_organizing_layers()
-    index = {id(layer): i for i, layer in enumerate(model.ffns())}
+    layers = {i: f for i, f in enumerate(model.ffns()) if isinstance(f, SelfOrganizing)}  # keyed by block
     V = model.cfg.vocab_size
-    counts = {index[id(layer)]: np.zeros((layer.cfg.num_experts, V), dtype=np.int64) for layer in layers}
+    counts = {i: np.zeros((layer.cfg.num_experts, V), dtype=np.int64) for i, layer in layers.items()}
     current: dict[str, torch.Tensor] = {}
 
-    def hook(layer):
+    def hook(counts_EV: np.ndarray):
         def record(module, inputs, output):
             idx_BTK, _ = module.route(inputs[0])
             tokens_BTK = current["x"].unsqueeze(-1).expand_as(idx_BTK)
             keep = current["mask"].unsqueeze(-1).expand_as(idx_BTK)
             flat = idx_BTK[keep].cpu().numpy() * V + tokens_BTK[keep].cpu().numpy()
-            counts[index[id(layer)]] += np.bincount(flat, minlength=counts[index[id(layer)]].size).reshape(-1, V)
+            counts_EV[...] += np.bincount(flat, minlength=counts_EV.size).reshape(-1, V)
         return record
 
-    handles = [layer.register_forward_hook(hook(layer)) for layer in layers]
+    handles = [layer.register_forward_hook(hook(counts[i])) for i, layer in layers.items()]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

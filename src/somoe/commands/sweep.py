@@ -8,9 +8,9 @@ def cmd_sweep(args) -> int:
     from ..quickstart import data_overrides
     from ..sweeps import list_sweeps, load_sweep, run_status, run_sweep
 
-    if args.list or not args.sweep:
-        if not args.list:
-            raise ConfigError("name a sweep file or a shipped sweep; `somoe sweep --list` shows the shipped ones")
+    if not (args.list or args.sweep):
+        raise ConfigError("name a sweep file or a shipped sweep; `somoe sweep --list` shows the shipped ones")
+    if args.list:
         for name in list_sweeps():
             sweep = load_sweep(name)
             print(f"{name:22s} {len(sweep.runs)} runs  {sweep.description}")
