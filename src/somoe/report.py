@@ -15,12 +15,17 @@ from typing import Any
 import yaml
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of ``metrics.jsonl``."""
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of ``metrics.jsonl`` (train, eval, final ...), in order; [] without the file."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        return [], []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of ``metrics.jsonl``."""
+    records = read_records(run_dir)
     return [r for r in records if r.get("kind") == "train"], [r for r in records if r.get("kind") == "eval"]
 
 

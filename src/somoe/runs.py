@@ -61,11 +61,16 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
 
 
 # --- held-out token streams of a loaded run: its own validation split, or a text file -------------
+def tokenizer_file(loaded: LoadedRun) -> Path:
+    """The checkpoint's own tokenizer.json, else the run folder's."""
+    tok = loaded.checkpoint / "tokenizer.json"
+    return tok if tok.is_file() else loaded.run_dir / "tokenizer.json"
+
+
 def run_val_stream(loaded: LoadedRun) -> TokenStream:
     """The run's validation split, tokenized with the run's own tokenizer (cached like ``somoe eval``)."""
     cfg = loaded.cfg
-    tok = loaded.checkpoint / "tokenizer.json"
-    cfg.data.tokenizer_path = str(tok if tok.is_file() else loaded.run_dir / "tokenizer.json")
+    cfg.data.tokenizer_path = str(tokenizer_file(loaded))
     return prepare_data(cfg, None, log=lambda *_: None, need_train=False).val
 
 

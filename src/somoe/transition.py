@@ -93,19 +93,14 @@ def greedy_samples(model, tokenizer, cfg: RunConfig) -> list[tuple[str, str]]:
     return list(zip(t.sample_prompts, generate_text(model, tokenizer, list(t.sample_prompts), gen)))
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def write_history(out: Path, dense_steps: int) -> list[dict]:
     """Both phases' records in one file; phase 2's ``global_step`` continues after phase 1's."""
+    from .report import read_records
+
     history = []
     first = out / "moe" / "first_step.json"
     for phase, offset in (("dense", 0), ("moe", dense_steps)):
-        records = _records(out / phase)
+        records = read_records(out / phase)
         if phase == "moe" and first.is_file() and not any(r.get("kind") == "train" and r["step"] == 1
                                                           for r in records):
             records.insert(0, {"kind": "train", **json.loads(first.read_text(encoding="utf-8"))})
@@ -219,8 +214,7 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
     _banner(log, f"TRANSITION - dense -> MoE upcycling ({E} experts, top-{K})")
     if not list_checkpoints(moe_dir):
         moe = upcycle_model(phase1.model, moe_cfg)
-        seq_len = min(dense_cfg.data.seq_len, dense_cfg.model.max_seq_len)
-        probe = probe_from_stream(phase1.data.val, seq_len, cfg.transition.probe_sequences,
+        probe = probe_from_stream(phase1.data.val, dense_cfg.data.seq_len, cfg.transition.probe_sequences,
                                   phase1.data.tokenizer.pad_id)
         result = verify(phase1.model, moe, probe, cfg.transition.tolerance)
         for line in result.lines():
@@ -230,14 +224,16 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
                 f"nothing written, phase 2 not started")
             return 1
         verification = result.as_dict()
-        save_upcycled(moe_dir, moe, moe_cfg, out / "dense" / "tokenizer.json",
-                      {"dense_checkpoint": str(out / "checkpoints" / "dense"), **verification})
-        link_checkpoint(list_checkpoints(moe_dir)[0], out / "checkpoints" / "moe_init")
+        moe_init = save_upcycled(moe_dir, moe, moe_cfg, out / "dense" / "tokenizer.json",
+                                 {"dense_checkpoint": str(out / "checkpoints" / "dense"), **verification})
+        link_checkpoint(moe_init, out / "checkpoints" / "moe_init")
         del moe
     else:
         saved = moe_dir / "upcycle.json"
         verification = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else None
         log(f"  {moe_dir} exists: resuming phase 2")
+    dense_steps = phase1.total_steps
+    del phase1  # the dense model, its optimizer state and data are not needed in phase 2
 
     t = moe_cfg.train
     _banner(log, f"PHASE 2 - MoE ({t.max_steps or 'epochs'} steps, lr {t.lr:g}, {E} experts top-{K})")
@@ -258,8 +254,8 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
 
     for phase in ("dense", "moe"):
         write_report(out / phase)  # each phase's summary.txt and metrics.png
-    history = write_history(out, phase1.total_steps)
-    plot_history(out, history, phase1.total_steps)
+    history = write_history(out, dense_steps)
+    plot_history(out, history, dense_steps)
     summary = boundary_summary(history, verification)
     (out / "boundary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     text = [format_summary(summary)]

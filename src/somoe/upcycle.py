@@ -230,21 +230,16 @@ def upcycle_run(dense_run: str | Path, out: str | Path, num_experts: int | None 
                 overrides: list[str] | None = None, which: str = "last", probe_sequences: int = 8,
                 tolerance: float = TOLERANCE, device: str = "auto", log=print) -> Verification:
     """``somoe upcycle``: load a dense run, upcycle, verify, and write ``out`` only if it passed."""
-    from .data import prepare_data
-    from .runs import load_run
+    from .runs import load_run, run_val_stream, tokenizer_file
 
     if list_checkpoints(Path(out)):
         raise CheckpointError(f"{out} already has checkpoints; choose another --out for the upcycled run")
     run = load_run(dense_run, device=device, which=which)
     moe_cfg = moe_config(run.cfg, num_experts, top_k, overrides)
     moe = upcycle_model(run.model, moe_cfg)
-    tokenizer_file = run.checkpoint / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        tokenizer_file = run.run_dir / "tokenizer.json"
-    seq_len = min(run.cfg.data.seq_len, run.cfg.model.max_seq_len)
+    seq_len = run.cfg.data.seq_len
     try:
-        run.cfg.data.tokenizer_path = str(tokenizer_file)
-        stream = prepare_data(run.cfg, None, log=lambda *_: None, need_train=False).val
+        stream = run_val_stream(run)
         probe, source = probe_from_stream(stream, seq_len, probe_sequences, run.tokenizer.pad_id), "validation windows"
     except (ConfigError, OSError, ImportError, ValueError) as err:  # the run's data moved: tokens still probe
         probe = random_probe(run.cfg.model.vocab_size, seq_len, probe_sequences)
@@ -258,7 +253,7 @@ def upcycle_run(dense_run: str | Path, out: str | Path, num_experts: int | None 
     for line in result.lines():
         log(line)
     if result.passed:
-        ckpt = save_upcycled(Path(out), moe, moe_cfg, tokenizer_file,
+        ckpt = save_upcycled(Path(out), moe, moe_cfg, tokenizer_file(run),
                              {"dense_checkpoint": str(run.checkpoint), "probe": source, **result.as_dict()})
         log(f"wrote {ckpt}")
     return result

@@ -45,15 +45,25 @@ def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     return ((x_E - mean) ** 2).mean() / (mean ** 2 + 1e-10)
 
 
-def capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor | None:
-    """Boolean ``(T, K)`` mask of the slots that fit their expert's capacity; None when dropless."""
+def switch_loss(logits_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer balance ``E * sum_e f_e P_e``: f_e the share of routed slots, P_e the mean
+    router probability (softmax over all E logits, in fp32); 1 when balanced."""
+    E = logits_TE.shape[-1]
+    P_E = torch.softmax(logits_TE.float(), dim=-1).mean(0)
+    return E * (counts_E.float() / counts_E.sum() * P_E).sum()
+
+
+def capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float,
+                  counts_E: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean ``(T, K)`` mask of the slots that fit their expert's capacity; None when dropless.
+    ``counts_E``: slots per expert when the caller has them."""
     if capacity_factor <= 0:
         return None
     T, K = idx_TK.shape
     capacity = math.ceil(capacity_factor * T * K / num_experts)
     flat_S = idx_TK.t().reshape(-1)  # priority order: all first choices (token order), then second choices
     order_S = torch.argsort(flat_S, stable=True)
-    counts_E = expert_counts(flat_S, num_experts)
+    counts_E = expert_counts(flat_S, num_experts) if counts_E is None else counts_E
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_S = torch.empty_like(order_S)
     rank_S[order_S] = torch.arange(flat_S.numel(), device=flat_S.device) - starts_E[flat_S[order_S]]
@@ -148,11 +158,11 @@ class MoELayer(FFN):
         x_TD = x_BTD.reshape(-1, self.d_model)
         logits_TE, clean_TE, std_TE = self._logits(x_TD)
         idx_TK, gates_TK = self._select(logits_TE)
-        keep_TK = capacity_keep(idx_TK, self.cfg.num_experts, self.cfg.capacity_factor)
+        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert, before drops
+        keep_TK = capacity_keep(idx_TK, self.cfg.num_experts, self.cfg.capacity_factor, counts_E)
         combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
         y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype))
-        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert
         aux = None
         if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
             aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counts_E)
@@ -172,13 +182,11 @@ class MoELayer(FFN):
         else the routed slot count.
         """
         E, K = self.cfg.num_experts, self.cfg.top_k
-        counts_E = counts_E.float()
         if self.cfg.aux_loss == "switch":
-            P_E = torch.softmax(logits_TE, dim=-1).mean(0)
-            loss = E * ((counts_E / idx_TK.numel()) * P_E).sum()
+            loss = switch_loss(logits_TE, counts_E)
         else:
             importance_E = torch.zeros_like(logits_TE).scatter(1, idx_TK, gates_TK).sum(0)
-            load_E = counts_E if std_TE is None or K >= E else self._smooth_load(logits_TE, clean_TE, std_TE)
+            load_E = counts_E.float() if std_TE is None or K >= E else self._smooth_load(logits_TE, clean_TE, std_TE)
             loss = cv_squared(importance_E) + cv_squared(load_E)
         return self.cfg.aux_loss_coef * loss
 

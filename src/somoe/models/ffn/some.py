@@ -31,6 +31,7 @@ from ...config import ModelConfig, SoMEConfig
 from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp
 from . import some_rules as rules
 from .base import FFN, in_recompute
+from .moe import switch_loss
 from .registry import register_ffn
 from .routing_tally import RoutingTally
 from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
@@ -271,11 +272,8 @@ class SoMELayer(FFN):
         return y_TD.view_as(x_BTD), aux
 
     def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Switch-style ``coef * E * sum_e f_e P_e`` (f: routed slot share, P: mean router probability)."""
-        E = self.cfg.num_experts
-        f_E = counts_E.float() / counts_E.sum()
-        P_E = torch.softmax(scores_TE.float(), dim=-1).mean(0)
-        return self.cfg.aux_loss_coef * E * (f_E * P_E).sum()
+        """``coef`` times the Switch balance loss on the router's scores (:func:`moe.switch_loss`)."""
+        return self.cfg.aux_loss_coef * switch_loss(scores_TE, counts_E)
 
     # --- statistics (section 3) ----------------------------------------------------------
     def _gathering(self) -> bool:
