@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from somoe.models.dispatch import Groups, dispatch, grouped_mlp, grouped_swiglu
 
@@ -197,10 +198,11 @@ def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts(padded, monkeypatch)
         y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, compute_dtype(x, ws[0].dtype))
     y.sum().backward()
     assert (torch.float32, (E, D, FF)) in saved  # the stored buffers themselves (no copy)
-    # bf16 saved: pre-activations (S x FF, padded: E x cap x FF), ungated outputs (S x D), gates (S)
+    # bf16 saved: pre-activations (bucketed rows x FF, padded: E x cap x FF), ungated outputs (S x D), gates (S)
     S = T * K
-    cap = int(torch.bincount(idx_TK.flatten(), minlength=E).max())
-    pre = E * cap * FF if padded else S * FF
+    counts = torch.bincount(idx_TK.flatten(), minlength=E).tolist()
+    bucket = dispatch_module.ROW_BUCKET  # the loop's pre-activations keep their bucketed rows
+    pre = E * max(counts) * FF if padded else sum(-(-c // bucket) * bucket for c in counts) * FF
     assert sum(math.prod(shape) for dt, shape in saved if dt == torch.bfloat16) == pre + S * D + S
     assert x.grad is not None and x.grad.dtype == torch.float32
 
@@ -216,3 +218,58 @@ def test_autocast_trainable_fp32_experts_get_fp32_gradients():
     want = grads(naive_mlp(x, idx_TK, gates_TK, *ws), ws, probe)
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and (g - w).abs().max() < 0.03 * w.abs().max()
+
+
+def _swiglu_weights(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(E, D, FF, generator=g) / D ** 0.5, torch.randn(E, D, FF, generator=g) / D ** 0.5,
+          torch.randn(E, FF, D, generator=g) / FF ** 0.5]
+    return [w.requires_grad_(True) for w in ws]
+
+
+class _MatmulRows(TorchDispatchMode):
+    """Records the row count of every bf16 matmul: M of ``a @ b``, and the reduced dimension of a
+    weight gradient ``a.t() @ d`` (``a`` a transposed view): the dimensions ROW_BUCKET pads."""
+
+    MATMULS = {torch.ops.aten.mm.default: 0, torch.ops.aten.mm.out: 0,
+               torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm.out: 1}
+
+    def __init__(self, rows: list[int]):
+        super().__init__()
+        self.rows = rows
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = self.MATMULS.get(func)
+        if first is not None and args[first].dtype == torch.bfloat16:
+            a = args[first]
+            transposed = a.dim() == 2 and a.stride(0) == 1 and a.shape[1] > 1
+            self.rows.append(a.shape[1] if transposed else a.shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind,trainable", [("mlp", False), ("mlp", True), ("swiglu", True)])
+def test_bf16_row_buckets_change_no_result(kind, trainable, monkeypatch):
+    """CPU bf16 expert matmuls run on row counts rounded up to ROW_BUCKET (oneDNN builds a kernel per
+    shape). The padded rows are other experts' tokens or zeros: outputs and every gradient, the weights'
+    included (where a padded row would leak straight in), equal those of the unpadded loop."""
+    import somoe.models.dispatch as dispatch_module
+
+    monkeypatch.setattr(dispatch_module, "PADDED_MAX_WASTE", 0.0)  # the per-expert loop, not the bmm path
+    ws = _swiglu_weights(26) if kind == "swiglu" else weights(seed=26, trainable=trainable)
+    idx_TK, gates_TK = routing(seed=27)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(28), requires_grad=True)
+    probe = torch.randn(T, D, generator=torch.Generator().manual_seed(29))
+    inputs = [x, gates_TK, *(w for w in ws if w.requires_grad)]
+    fn = (lambda s, c: grouped_swiglu(s, c, *ws)) if kind == "swiglu" else (lambda s, c: grouped_mlp(s, c, *ws))
+    results = {}
+    for bucket in (1, 32):
+        monkeypatch.setattr(dispatch_module, "ROW_BUCKET", bucket)
+        rows: list[int] = []
+        with _MatmulRows(rows):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = dispatch(x, idx_TK, gates_TK, fn, E, torch.bfloat16)
+            results[bucket] = (y, *grads(y, inputs, probe))
+        assert len(rows) >= 4 * E and all(r % bucket == 0 for r in rows)
+    assert T * K < E * 32  # so every slice is padded, and the last one past the buffer's end
+    for got, want in zip(results[32], results[1]):
+        assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()

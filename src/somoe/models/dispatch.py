@@ -214,13 +214,14 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
         if bias_EN is not None:
             out += bias_EN.index_select(0, _expert_of_row(counts, a_SK.shape[0]))
         return out
-    out = a_SK.new_empty(a_SK.shape[0], b_EKN.shape[2])
+    out = _with_slack(a_SK, b_EKN.shape[2])
     for e, s, t in _slices(counts):
+        a = _rows(a_SK, s, _bucket(t - s, a_SK))  # rows past t: the next expert's, overwritten by it
         if bias_EN is None:
-            torch.mm(a_SK[s:t], b_EKN[e], out=out[s:t])
+            torch.mm(a, b_EKN[e], out=out[s:s + a.shape[0]])
         else:
-            torch.addmm(bias_EN[e], a_SK[s:t], b_EKN[e], out=out[s:t])
-    return out
+            torch.addmm(bias_EN[e], a, b_EKN[e], out=out[s:s + a.shape[0]])
+    return out[:a_SK.shape[0]]
 
 
 def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
@@ -229,7 +230,8 @@ def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> 
         return _grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
     out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
     for e, s, t in _slices(counts):
-        torch.mm(a_SK[s:t].t(), d_SN[s:t], out=out[e])
+        n = _bucket(t - s, a_SK)  # the rows past t meet zero rows of d: exact
+        torch.mm(_rows(a_SK, s, n).t(), _zero_padded(d_SN[s:t], n), out=out[e])
     return out
 
 
@@ -259,6 +261,38 @@ def _activation_grad(activation: Callable, pre: torch.Tensor, d_act: torch.Tenso
 
 def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     return fn() if needed else None
+
+
+# oneDNN (CPU bf16/fp16 matmuls) builds a kernel for every new (rows, cols, inner) shape, ~0.5 ms each:
+# 15x the 512x128x128 bf16 matmul itself (measured on the dev box's AMX cores). Expert slices have a new
+# row count at every call, so on that path rows are rounded up to a multiple of ROW_BUCKET: a few dozen
+# shapes in all, cached after the first steps (fp32 goes to MKL's sgemm, which has no such cost).
+ROW_BUCKET = 32
+
+
+def _bucket(rows: int, like: torch.Tensor) -> int:
+    """The row count a per-expert matmul on ``like``'s device and dtype runs at (>= ``rows``)."""
+    if like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16):
+        return -(-rows // ROW_BUCKET) * ROW_BUCKET
+    return rows
+
+
+def _rows(buf: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Rows ``start .. start + n`` of ``buf``, zero rows past its end (a copy only then)."""
+    if start + n <= buf.shape[0]:
+        return buf[start:start + n]
+    return _zero_padded(buf[start:], n)
+
+
+def _zero_padded(t_ND: torch.Tensor, n: int) -> torch.Tensor:
+    return t_ND if t_ND.shape[0] == n else F.pad(t_ND, (0, 0, 0, n - t_ND.shape[0]))
+
+
+def _with_slack(like_SD: torch.Tensor, width: int) -> torch.Tensor:
+    """An output buffer for per-expert results of bucketed row counts: each expert writes its padded
+    block at its own start, in expert order, so the rows its padding spills into belong to the next
+    expert and are overwritten by it; ``ROW_BUCKET`` spare rows take the last expert's spill."""
+    return like_SD.new_empty(like_SD.shape[0] + ROW_BUCKET, width)
 
 
 def _slices(counts: list[int]):
@@ -292,12 +326,15 @@ class _GroupedMLP(torch.autograd.Function):
             y_SD = x_SD.new_empty(x_SD.shape[0], w2_EFD.shape[2])
             pres, us = [], []
             for e, s, t in _slices(counts):
-                pre = _affine(x_SD[s:t], w1_EDF[e].to(dt), b1_EF, e)
+                # bucketed rows (see ROW_BUCKET): the rows past t are the next expert's tokens, their
+                # results are dropped; ``pre`` keeps them so that backward runs at the same shapes
+                pre = _affine(_rows(x_SD, s, _bucket(t - s, x_SD)), w1_EDF[e].to(dt), b1_EF, e)
+                u = _affine(activation(pre), w2_EFD[e].to(dt), b2_ED, e)[:t - s]
                 if gates_S is None:
-                    y_SD[s:t] = _affine(activation(pre), w2_EFD[e].to(dt), b2_ED, e)
+                    y_SD[s:t] = u
                 else:  # keep the ungated output u for the gates' gradient
-                    us.append(_affine(activation(pre), w2_EFD[e].to(dt), b2_ED, e))
-                    torch.mul(us[-1], gates_S[s:t].unsqueeze(1), out=y_SD[s:t])
+                    us.append(u)
+                    torch.mul(u, gates_S[s:t].unsqueeze(1), out=y_SD[s:t])
                 pres.append(pre)
         weight_grads = any(ctx.needs_input_grad[4:])
         ctx.save_for_backward(x_SD if weight_grads else None, gates_S, w1_EDF, w2_EFD, *pres, *us)
@@ -347,7 +384,7 @@ def _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD)
     """
     need, counts, act = ctx.needs_input_grad, ctx.counts, ctx.activation
     E, S = w1_EDF.shape[0], dy_SD.shape[0]
-    dx = dy_SD.new_empty(S, w1_EDF.shape[1]) if need[0] else None
+    dx = _with_slack(dy_SD, w1_EDF.shape[1]) if need[0] else None
     dg = dy_SD.new_empty(S) if gates_S is not None and need[3] else None
     dw1 = torch.zeros_like(w1_EDF) if need[4] else None
     db1 = dy_SD.new_zeros(E, w1_EDF.shape[2]) if need[5] and ctx.has_b1 else None
@@ -361,18 +398,20 @@ def _mlp_backward_by_expert(ctx, dy_SD, x_SD, pres, gates_S, us, w1_EDF, w2_EFD)
             if dg is not None:
                 torch.sum(dy * us[i], 1, out=dg[s:t])
             dy = dy * gates_S[s:t].unsqueeze(1)
+        n = pre.shape[0]  # the forward's bucketed rows: zero rows of dy make every padded row's gradient 0
+        dy = _zero_padded(dy, n)
         if dw2 is not None:
             _mm_into(dw2[e], act(pre).t(), dy)
         if db2 is not None:
             torch.sum(dy, 0, out=db2[e])
         d_pre = _activation_grad(act, pre, dy @ w2_EFD[e].to(ctx.dt).t())
-        if dx is not None:
-            torch.mm(d_pre, w1_EDF[e].to(ctx.dt).t(), out=dx[s:t])
+        if dx is not None:  # spills into the next expert's rows, which it overwrites (see _with_slack)
+            torch.mm(d_pre, w1_EDF[e].to(ctx.dt).t(), out=dx[s:s + n])
         if dw1 is not None:
-            _mm_into(dw1[e], x_SD[s:t].t(), d_pre)
+            _mm_into(dw1[e], _rows(x_SD, s, n).t(), d_pre)
         if db1 is not None:
             torch.sum(d_pre, 0, out=db1[e])
-    return dx, None, None, dg, dw1, db1, dw2, db2
+    return None if dx is None else dx[:S], None, None, dg, dw1, db1, dw2, db2
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
