@@ -70,8 +70,11 @@ def _dtypes(args) -> tuple[str, ...]:
 def _setup(args) -> None:
     import torch
 
+    from ..train.runtime import keep_freed_cpu_memory
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    keep_freed_cpu_memory()  # as training does on the CPU: both sides of every ratio run with it
 
 
 def _grid(text: str) -> tuple[tuple[int, int], ...]:
@@ -137,7 +140,9 @@ def cmd_generate(args) -> int:
 
 def cmd_memory(args) -> int:
     from ..bench import memory
+    from ..train.runtime import keep_freed_cpu_memory
 
+    keep_freed_cpu_memory()  # the peak a training process on the CPU reaches, with training's allocator settings
     rows = [memory.memory_report(p, args.batch, args.seq_len or None, not args.no_measure, tuple(args.overrides),
                                  args.budget_gib) for p in args.preset.split(",") if p]
     notes = [f"{r['preset']}: peak RSS {r['rss_peak_bytes'] / memory.GIB:.2f} GiB of a {args.budget_gib:g} GiB budget "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
+import platform
 
 import torch
 
@@ -51,8 +54,37 @@ def autocast_factory(precision: str, device: torch.device):
 def setup_backends(device: torch.device, num_threads: int = 0) -> None:
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+KEEP_MEMORY_ENV = "SOMOE_KEEP_FREED_MEMORY"
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_cpu_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing it back to the kernel (once per process).
+
+    PyTorch has no caching allocator on the CPU: every activation above glibc's mmap threshold
+    is a fresh mapping whose pages fault in on first touch, and is unmapped again when freed.
+    A cpu_some training step took 228k page faults (0.4 s of system time per 1.1 s step on the
+    2-core dev box). With mmap off and no heap trimming (the heap then behaves like a caching
+    allocator: its size settles at the step's peak) it takes ~17k, and the step is 13% (fp32)
+    and 8% (bf16) faster. Set ``SOMOE_KEEP_FREED_MEMORY=0`` to keep glibc's defaults; other C
+    libraries are left alone. Returns whether the settings were applied.
+    """
+    if os.environ.get(KEEP_MEMORY_ENV, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 40), (_M_TOP_PAD, 64 << 20))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
