@@ -12,13 +12,15 @@ PY=${PY:-.venv/bin/python}
 SOMOE="$PY -m somoe"
 mkdir -p "$OUT"
 common=(train.max_steps="$STEPS" train.eval_every=50 train.eval_batches=8 train.num_threads=1)
-OMP_NUM_THREADS=1 $SOMOE train --preset "$PRESET" --out "$OUT/fp32" "${common[@]}" train.precision=fp32 \
-  >"$OUT.fp32.log" 2>&1 &
-extra=()
+fp32_extra=() bf16_extra=()
 ffn=$($PY -c "from somoe.config import load_config; print(load_config(preset='$PRESET').model.ffn)")
-[[ $ffn == some ]] && extra=(model.some.expert_dtype=bf16)
-OMP_NUM_THREADS=1 $SOMOE train --preset "$PRESET" --out "$OUT/bf16" "${common[@]}" train.precision=bf16 "${extra[@]}" \
-  >"$OUT.bf16.log" 2>&1 &
+if [[ $ffn == some ]]; then  # the frozen experts' storage follows the run's precision (the preset may say bf16)
+  fp32_extra=(model.some.expert_dtype=fp32) bf16_extra=(model.some.expert_dtype=bf16)
+fi
+OMP_NUM_THREADS=1 $SOMOE train --preset "$PRESET" --out "$OUT/fp32" "${common[@]}" train.precision=fp32 \
+  "${fp32_extra[@]}" >"$OUT.fp32.log" 2>&1 &
+OMP_NUM_THREADS=1 $SOMOE train --preset "$PRESET" --out "$OUT/bf16" "${common[@]}" train.precision=bf16 \
+  "${bf16_extra[@]}" >"$OUT.bf16.log" 2>&1 &
 wait
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib

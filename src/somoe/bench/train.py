@@ -3,8 +3,8 @@
 Our models come from the presets (random token batches of the preset's
 batch size and sequence length); the reference is our GPT-2 baseline
 (``cpu_gpt2``) in the same dtype. bf16 rows run bf16 autocast with fp32
-master weights and store SoME's frozen experts in bf16
-(``model.some.expert_dtype=bf16``), as ``somoe bench layer`` does.
+master weights and store SoME's frozen experts in bf16, fp32 rows in fp32
+(``model.some.expert_dtype``, whatever the preset says), as ``somoe bench layer`` does.
 ``transformers``' ``GPT2LMHeadModel`` runs at each GPT-2 preset's size (its
 learned positions and tied head differ slightly in parameter count; both
 are reported).
@@ -93,8 +93,9 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
     for dtype in dtypes:
         fns, meta = {}, {}
         for name, cfg in configs.items():
-            if dtype == "bf16" and cfg.model.ffn == "some":  # bf16 rows store frozen experts in bf16 too
-                cfg = load_config(preset=name, overrides=[*overrides, "model.some.expert_dtype=bf16"])
+            if cfg.model.ffn == "some":  # frozen experts stored in the row's dtype, whatever the preset says
+                expert_dtype = "bf16" if dtype == "bf16" else "fp32"
+                cfg = load_config(preset=name, overrides=[*overrides, f"model.some.expert_dtype={expert_dtype}"])
             B, T = cfg.train.batch_size, cfg.data.seq_len
             torch.manual_seed(0)
             model = build_model(cfg.model, dev).train()
