@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .ffn import FFN, SelfOrganizing, build_ffn, recomputing
 from .layers import KVCache, Rotary, apply_rotary, build_norm, sinusoidal_table
+from .loss import token_cross_entropy
 
 IGNORE_INDEX = -100  # targets with this value (padding) never count in the loss
 
@@ -145,8 +146,7 @@ class LM(nn.Module):
         logits = self.head(x)
         if targets_BT is None:
             return LMOutput(logits=logits, aux_loss=aux_total)
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets_BT.reshape(-1),
-                             ignore_index=IGNORE_INDEX)
+        ce = token_cross_entropy(logits.view(-1, logits.size(-1)), targets_BT.reshape(-1), IGNORE_INDEX)
         loss = ce if aux_total is None else ce + aux_total
         return LMOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_total)
 
