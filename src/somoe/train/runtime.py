@@ -76,9 +76,10 @@ def keep_freed_cpu_memory() -> bool:
     is a fresh mapping whose pages fault in on first touch, and is unmapped again when freed.
     A cpu_some training step took 228k page faults (0.4 s of system time per 1.1 s step on the
     2-core dev box). With mmap off and no heap trimming (the heap then behaves like a caching
-    allocator: its size settles at the step's peak) it takes ~17k, and the step is 13% (fp32)
-    and 8% (bf16) faster. Set ``SOMOE_KEEP_FREED_MEMORY=0`` to keep glibc's defaults; other C
-    libraries are left alone. Returns whether the settings were applied.
+    allocator: its size settles at the step's peak) it takes ~17k, and the step is 13-18% (fp32)
+    and 8% (bf16) faster; peak RSS grows a little (docs/benchmarks.md). Set
+    ``SOMOE_KEEP_FREED_MEMORY=0`` to keep glibc's defaults; other C libraries are left alone.
+    Returns whether the settings were applied.
     """
     if os.environ.get(KEEP_MEMORY_ENV, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
