@@ -270,10 +270,11 @@ def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor 
     return fn() if needed else None
 
 
-# oneDNN (CPU bf16/fp16 matmuls) builds a kernel for every new (rows, cols, inner) shape, ~0.5 ms each:
-# 15x the 512x128x128 bf16 matmul itself (measured on the dev box's AMX cores). Expert slices have a new
-# row count at every call, so on that path rows are rounded up to a multiple of ROW_BUCKET: a few dozen
-# shapes in all, cached after the first steps (fp32 goes to MKL's sgemm, which has no such cost).
+# oneDNN (CPU bf16/fp16 matmuls) builds a kernel for every new (rows, cols, inner) shape, ~0.4 ms each:
+# 10x a ~500 x 128 x 128 bf16 matmul itself on the dev box's AMX cores (scripts/onednn_shapes.py).
+# Expert slices have a new row count at every call, so on that path rows are rounded up to a multiple
+# of ROW_BUCKET: a few dozen shapes in all, cached after the first steps (fp32 goes to MKL's sgemm,
+# which has no such cost).
 ROW_BUCKET = 32
 
 
