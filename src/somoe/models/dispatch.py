@@ -71,11 +71,13 @@ def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True) -> Plan:
-    """Sort the flattened slots by expert id (stable) and count slots per expert."""
+def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True,
+         counts_E: torch.Tensor | None = None) -> Plan:
+    """Sort the flattened slots by expert id (stable) and count slots per expert (``counts_E``: the
+    caller's :func:`expert_counts` of the same indices, when it has them)."""
     flat_S = expert_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
-    counts = expert_counts(flat_S, num_experts)
+    counts = expert_counts(flat_S, num_experts) if counts_E is None else counts_E
     if host_counts:
         counts = counts.tolist()
     return Plan(order_S, order_S // expert_idx_TK.shape[1], flat_S[order_S], counts)
@@ -107,7 +109,7 @@ class Groups(list):
 
 def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Tensor,
              expert_fn: GroupedFn, num_experts: int, compute_dtype: torch.dtype | None = None,
-             grouped: bool | None = None) -> torch.Tensor:
+             grouped: bool | None = None, counts_E: torch.Tensor | None = None) -> torch.Tensor:
     """``y_t = sum_j gates_tj * Expert_{idx_tj}(x_t)`` for every token, dropless.
 
     ``expert_fn(x_SD, counts)`` receives the token copies sorted by expert
@@ -120,11 +122,12 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     dt = compute_dtype or x_TD.dtype
     if grouped is None:
         grouped = grouped_mm_available(x_TD.device, dt)
-    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped)
+    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
 
 @torch.compiler.disable
-def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool) -> torch.Tensor:
+def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool,
+              counts_E: torch.Tensor | None) -> torch.Tensor:
     """Runs eagerly under ``torch.compile`` (a graph break; the rest of the model is compiled).
 
     Host counts, traced, would become guards (``counts[2] == 65``) and recompile the graph
@@ -134,7 +137,7 @@ def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped
     kernels with no host sync, so little is lost.
     """
     K = expert_idx_TK.shape[1]
-    p = plan(expert_idx_TK, num_experts, host_counts=not grouped)
+    p = plan(expert_idx_TK, num_experts, host_counts=not grouped, counts_E=counts_E)
     x_SD = x_TD.to(dt).index_select(0, p.token_S)  # the K-fold copy: matmul operands must be contiguous
     g_S = gates_TK.reshape(-1).index_select(0, p.order_S)
     counts = p.counts if grouped else Groups(p.counts, g_S)
@@ -224,10 +227,7 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
     out = _with_slack(a_SK, b_EKN.shape[2])
     for e, s, t in _slices(counts):
         a = _rows(a_SK, s, _bucket(t - s, a_SK))  # rows past t: the next expert's, overwritten by it
-        if bias_EN is None:
-            torch.mm(a, b_EKN[e], out=out[s:s + a.shape[0]])
-        else:
-            torch.addmm(bias_EN[e], a, b_EKN[e], out=out[s:s + a.shape[0]])
+        _affine_into(out[s:s + a.shape[0]], a, b_EKN[e], bias_EN, e)
     return out[:a_SK.shape[0]]
 
 
@@ -579,7 +579,7 @@ def padded_capacity(counts: list[int], max_waste: float | None = None) -> int | 
 def _padded_positions(counts: list[int], cap: int, device: torch.device) -> torch.Tensor:
     """Row of each sorted slot in the ``(E * cap)`` padded buffer: expert * cap + rank within expert."""
     counts_E = torch.tensor(counts, device=device)
-    expert_S = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_E)
+    expert_S = _expert_of_row(counts_E, sum(counts))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     return expert_S * cap + torch.arange(expert_S.numel(), device=device) - starts_E[expert_S]
 

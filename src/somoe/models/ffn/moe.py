@@ -162,7 +162,7 @@ class MoELayer(FFN):
         keep_TK = capacity_keep(idx_TK, self.cfg.num_experts, self.cfg.capacity_factor, counts_E)
         combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
         y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
-                        compute_dtype(x_TD, self.expert_w1.dtype))
+                        compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
         aux = None
         if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
             aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counts_E)

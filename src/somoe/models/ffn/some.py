@@ -259,11 +259,11 @@ class SoMELayer(FFN):
         x_TD = x_BTD.reshape(-1, self.d_model)
         scores_TE, q_TD, q_raw_TD = self._scores(x_TD)
         idx_TK, gates_TK = self._select(scores_TE)
+        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert, shared below
         y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
-                        compute_dtype(x_TD, self.expert_w1.dtype))
+                        compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
         if self.out_scale is not None:
             y_TD = y_TD * self.out_scale.to(y_TD.dtype)
-        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert, shared below
         aux = self._aux_loss(scores_TE, counts_E) if self.training and self.cfg.aux_loss_coef > 0 else None
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
             self._tally.add(counts_E, gates_TK)
