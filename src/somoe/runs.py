@@ -10,7 +10,7 @@ from .data import BPETokenizer, TokenStream, encode_stories_for_eval, prepare_da
 from .models import LM, build_model
 from .train.checkpoint import (CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state,
                                read_trainer_state)
-from .train.runtime import resolve_device
+from .train.runtime import resolve_device, setup_backends
 
 
 @dataclass
@@ -50,6 +50,7 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
     if not tok_file.is_file():
         raise CheckpointError(f"no tokenizer.json next to {ckpt}; copy the run's tokenizer.json there")
     dev = resolve_device(device)
+    setup_backends(dev)  # eval, generate and the analyses run with training's allocator and matmul settings
     model = build_model(cfg.model, dev)
     load_model_state(ckpt, model)
     # the schedules (top-k warmup, SoM rates used by an adapting eval) need the training progress

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from somoe.analysis.compare import compare_runs
 from somoe.analysis.keys import load_run_keys, select_checkpoints
@@ -54,6 +55,17 @@ def test_route_counts_match_the_forward_routing(some_run):
         assert gini(r.expert_slots) == pytest.approx(readouts[f"layer{i}/usage_gini"], abs=1e-12)
         tokens = np.asarray(stream.tokens[: 3 * 8 * 32])
         assert np.array_equal(r.counts_ET.sum(axis=0), 2 * np.bincount(tokens, minlength=r.counts_ET.shape[1]))
+
+
+def test_loading_a_run_applies_trainings_backend_settings(some_run, monkeypatch):
+    """eval, generate and the analyses go through load_run: they get the allocator setting that
+    training and the benchmarks run with (keep_freed_cpu_memory on the CPU)."""
+    import somoe.runs as runs_module
+
+    seen = []
+    monkeypatch.setattr(runs_module, "setup_backends", lambda device, *a: seen.append(device))
+    load_run(some_run, device="cpu")
+    assert seen == [torch.device("cpu")]
 
 
 def test_expert_tokens_rank_by_count_and_lift(some_run):

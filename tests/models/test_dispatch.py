@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from somoe.models.dispatch import (compute_dtype, dispatch, grouped_mlp, padded_capacity, padded_frozen_mlp,
-                                   per_expert, plan)
+from somoe.models.dispatch import (_padded_layout_if_faster, compute_dtype, dispatch, grouped_mlp, padded_frozen_mlp,
+                                   padded_layout, per_expert, plan)
 
 T, D, E, K, FF = 37, 8, 6, 3, 12
 
@@ -90,20 +90,24 @@ def test_bf16_weights_compute_in_bf16_and_return_input_dtype():
 
 
 @pytest.mark.parametrize("fold_gates", [False, True])
-def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates):
+@pytest.mark.parametrize("group", [2, 8])
+def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group):
     """The padded-bmm path (bf16 frozen experts on CPU) computes the loop's function and gradients;
-    fp32 here so that they agree to rounding. The empty expert is padded, never read."""
+    fp32 here so that they agree to rounding. Groups of 2 sort the experts by load into three
+    groups (weights gathered out of order); 8 puts all in one. The empty expert is never read."""
     w1, b1, w2, b2 = make_experts()
     idx_TK, gates_TK = make_routing(skip_expert=2)
     gates_TK = gates_TK.detach().requires_grad_(True)
     x_TD = torch.randn(T, D, generator=torch.Generator().manual_seed(6), requires_grad=True)
     probe = torch.randn(T, D, generator=torch.Generator().manual_seed(7))
+    layouts = []
 
     def padded(x_SD, counts):
         gates_S = None
         if fold_gates:
             gates_S, counts.gates_applied = counts.gates_S, True
-        return padded_frozen_mlp(x_SD, list(counts), max(counts), w1, b1, w2, b2, gates_S=gates_S)
+        layouts.append(padded_layout(list(counts), group=group, bucket=4))
+        return padded_frozen_mlp(x_SD, layouts[-1], w1, b1, w2, b2, gates_S=gates_S)
 
     outs = {}
     for name, fn in (("loop", lambda x, c: grouped_mlp(x, c, w1, b1, w2, b2)), ("padded", padded)):
@@ -120,13 +124,39 @@ def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates):
         assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(outs["loop"][0], looped, atol=1e-6)
     assert calls == [0, 1, 3, 4, 5]  # the empty expert is skipped
+    (layout,) = layouts
+    assert len(layout.groups) == (3 if group == 2 else 1) and 2 not in layout.experts.tolist()
+    if group == 2:
+        assert layout.experts.tolist() != sorted(layout.experts.tolist())  # the weights really were permuted
 
 
-def test_padded_capacity_refuses_imbalanced_routing():
-    assert padded_capacity([3, 3, 0]) == 3  # 9 padded rows for 6 real: 1.5x, at the limit
-    assert padded_capacity([6, 1, 1]) is None  # 18 for 8: the loop is cheaper
-    assert padded_capacity([0, 0]) is None
-    assert padded_capacity([6, 1, 1], max_waste=3.0) == 6
+def test_padded_layout_by_hand():
+    """counts [5, 0, 9, 3, 7], groups of 2, caps rounded up to 4: busiest first, 2 and 4 padded to 12
+    rows (9 -> 12), then 0 and 3 to 8 (5 -> 8); expert 1 is empty and gets nothing."""
+    layout = padded_layout([5, 0, 9, 3, 7], group=2, bucket=4)
+    assert layout.experts.tolist() == [2, 4, 0, 3]
+    assert layout.groups == [(0, 2, 12, 0), (2, 4, 8, 24)]
+    assert layout.rows == 40
+    # sorted slots come expert by expert: 0 (5 slots), 2 (9), 3 (3), 4 (7)
+    want = [24, 25, 26, 27, 28] + list(range(0, 9)) + [32, 33, 34] + list(range(12, 19))
+    assert layout.pos_S.tolist() == want
+    slot_R = layout.slot_R.tolist()
+    assert [slot_R[p] for p in want] == list(range(24))
+    padding = sorted(set(range(40)) - set(want))
+    assert all(slot_R[r] == 0 for r in padding)  # padding rows copy slot 0 (row-wise ops: never read back)
+
+
+def test_padded_path_refuses_padding_far_beyond_the_loops_rows():
+    """One busy expert among quiet ones: its group (all 6, PADDED_GROUP 8) would pad 5 experts from 32 to
+    96 rows (576 rows against the loop's 256 at ROW_BUCKET 32), so the per-expert loop runs; balanced
+    counts take the bmm."""
+    x = torch.zeros(1, D, dtype=torch.bfloat16)
+    weights = make_experts(torch.bfloat16)
+    lopsided = _padded_layout_if_faster(x, [80] + [5] * 5, torch.bfloat16, weights)
+    balanced = _padded_layout_if_faster(x, [80, 70, 90, 65, 75, 85], torch.bfloat16, weights)
+    assert lopsided is None
+    assert balanced is not None and balanced.rows == 6 * 96
+    assert _padded_layout_if_faster(x, [80] * 6, torch.float32, weights) is None  # fp32 keeps the loop (MKL)
 
 
 def test_inside_autocast_the_experts_run_in_the_autocast_dtype():

@@ -198,11 +198,14 @@ def test_autocast_saves_no_cast_copy_of_fp32_frozen_experts(padded, monkeypatch)
         y = dispatch(x, idx_TK, gates_TK, lambda s, c: grouped_mlp(s, c, *ws), E, compute_dtype(x, ws[0].dtype))
     y.sum().backward()
     assert (torch.float32, (E, D, FF)) in saved  # the stored buffers themselves (no copy)
-    # bf16 saved: pre-activations (bucketed rows x FF, padded: E x cap x FF), ungated outputs (S x D), gates (S)
+    # bf16 saved: pre-activations (bucketed rows x FF; padded: the busiest expert's bucketed rows for
+    # each of the E experts, all in one group), ungated outputs (S x D), gates (S)
     S = T * K
     counts = torch.bincount(idx_TK.flatten(), minlength=E).tolist()
     bucket = dispatch_module.ROW_BUCKET  # the loop's pre-activations keep their bucketed rows
-    pre = E * max(counts) * FF if padded else sum(-(-c // bucket) * bucket for c in counts) * FF
+    assert min(counts) > 0 and E <= dispatch_module.PADDED_GROUP
+    rows = E * -(-max(counts) // bucket) * bucket if padded else sum(-(-c // bucket) * bucket for c in counts)
+    pre = rows * FF
     assert sum(math.prod(shape) for dt, shape in saved if dt == torch.bfloat16) == pre + S * D + S
     assert x.grad is not None and x.grad.dtype == torch.float32
 
