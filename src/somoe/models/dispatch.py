@@ -642,8 +642,19 @@ def _padded_bmm(a_RX: torch.Tensor, w_EXY: torch.Tensor, layout: PaddedLayout,
 
 
 def _in_layout_order(t: torch.Tensor | None, layout: PaddedLayout, dt: torch.dtype) -> torch.Tensor | None:
-    """Expert weights (or biases) gathered into the layout's order and cast: a temporary copy."""
-    return None if t is None else t.index_select(0, layout.experts).to(dt)
+    """Expert weights (or biases) gathered into the layout's order, in ``dt``: one temporary copy.
+
+    Stored in another dtype (fp32 experts under bf16 autocast), each expert is cast as it is copied:
+    a gather first would hold a full copy in the storage dtype too (403 MB per matrix of a
+    seed000_some layer)."""
+    if t is None:
+        return None
+    if t.dtype == dt:
+        return t.index_select(0, layout.experts)
+    out = t.new_empty((layout.experts.numel(), *t.shape[1:]), dtype=dt)
+    for j, e in enumerate(layout.experts.tolist()):
+        out[j].copy_(t[e])
+    return out
 
 
 class _PaddedFrozenMLP(torch.autograd.Function):
@@ -652,12 +663,14 @@ class _PaddedFrozenMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_SD, layout, activation, gates_S, w1_EDF, b1_EF, w2_EFD, b2_ED):
-        # weights arrive in their storage dtype: gathered, cast copies are temporaries, never saved
-        # (fp32-stored frozen experts under bf16 autocast would otherwise be held twice until backward)
+        # weights arrive in their storage dtype: gathered, cast copies are temporaries (one matrix at a
+        # time), never saved: fp32-stored frozen experts under bf16 autocast would otherwise be held
+        # twice until backward
         dt = x_SD.dtype
-        w1, b1, w2, b2 = (_in_layout_order(t, layout, dt) for t in (w1_EDF, b1_EF, w2_EFD, b2_ED))
-        pre_RF = _padded_bmm(_padded_rows(x_SD, layout), w1, layout, b1)
-        u_SD = _padded_bmm(activation(pre_RF), w2, layout, b2).index_select(0, layout.pos_S)
+        pre_RF = _padded_bmm(_padded_rows(x_SD, layout), _in_layout_order(w1_EDF, layout, dt), layout,
+                             _in_layout_order(b1_EF, layout, dt))
+        u_SD = _padded_bmm(activation(pre_RF), _in_layout_order(w2_EFD, layout, dt), layout,
+                           _in_layout_order(b2_ED, layout, dt)).index_select(0, layout.pos_S)
         ctx.save_for_backward(pre_RF, u_SD if gates_S is not None else None, gates_S, w1_EDF, w2_EFD)
         ctx.layout, ctx.activation = layout, activation
         return u_SD if gates_S is None else u_SD * gates_S.unsqueeze(1)
