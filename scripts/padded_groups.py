@@ -2,8 +2,9 @@
 
 Trains cpu_some (bf16 experts, random tokens, as ``somoe bench train`` does) for a few steps, keeps
 each layer's slots per expert from the last step, then times one frozen-expert MLP forward+backward
-(cpu_some's shape) at those counts: the per-expert loop, groups of 4 / 8 (the default) / 16, and
-one group padded to the busiest expert (the path before the groups). ``x`` is the rows computed
+(cpu_some's shape) at those counts: the per-expert loop; pieces of PADDED_CHUNK rows in groups of
+4 / 8 (the default) / 16; whole experts in groups of 8; and one group padded to the busiest expert
+(the path before the groups). ``x`` is the rows computed
 (the loop's are rounded up to ROW_BUCKET per expert) over the real ones.
 
     python scripts/padded_groups.py              # 10 training steps first
@@ -79,23 +80,25 @@ def main() -> None:
     cfg = load_config(preset="cpu_some").model
     d_model, d_ffn = cfg.d_model, cfg.some.d_ffn
     all_counts = layer_counts(args.steps)
-    variants = {"loop": (0.0, dm.PADDED_GROUP), "groups of 4": (1e9, 4), "groups of 8": (1e9, 8),
-                "groups of 16": (1e9, 16), "one group": (1e9, 10 ** 6)}
+    whole = 10 ** 6  # no pieces / one group
+    variants = {"loop": (0.0, dm.PADDED_GROUP, dm.PADDED_CHUNK), "groups of 4": (1e9, 4, dm.PADDED_CHUNK),
+                "groups of 8": (1e9, 8, dm.PADDED_CHUNK), "groups of 16": (1e9, 16, dm.PADDED_CHUNK),
+                "8, whole experts": (1e9, 8, whole), "one group": (1e9, whole, whole)}
     print(f"cpu_some expert MLP (d {d_model}, d_ffn {d_ffn}, bf16) fwd+bwd, counts after {args.steps} steps")
     print(f"{'layer':>5} {'max/mean':>8} " + " ".join(f"{name:>18}" for name in variants))
-    default_group, default_waste = dm.PADDED_GROUP, dm.PADDED_MAX_WASTE
+    defaults = dm.PADDED_GROUP, dm.PADDED_MAX_WASTE, dm.PADDED_CHUNK
     try:
         for i, counts in enumerate(all_counts):
             cells = []
-            for waste, group in variants.values():
-                dm.PADDED_MAX_WASTE, dm.PADDED_GROUP = waste, group
+            for waste, group, chunk in variants.values():
+                dm.PADDED_MAX_WASTE, dm.PADDED_GROUP, dm.PADDED_CHUNK = waste, group, chunk
                 ms = time_mlp(counts, d_model, d_ffn, args.reps)
                 bucketed = sum(-(-n // dm.ROW_BUCKET) * dm.ROW_BUCKET for n in counts)  # the loop's rows
-                rows = (dm.padded_layout(counts, group=group).rows if waste else bucketed) / sum(counts)
+                rows = (dm.padded_layout(counts, group=group, chunk=chunk).rows if waste else bucketed) / sum(counts)
                 cells.append(f"{ms:8.1f} ms x{rows:4.2f}")
             print(f"{i:>5} {max(counts) * len(counts) / sum(counts):8.2f} " + " ".join(f"{c:>18}" for c in cells))
     finally:
-        dm.PADDED_GROUP, dm.PADDED_MAX_WASTE = default_group, default_waste
+        dm.PADDED_GROUP, dm.PADDED_MAX_WASTE, dm.PADDED_CHUNK = defaults
 
 
 if __name__ == "__main__":

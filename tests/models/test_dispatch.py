@@ -31,6 +31,10 @@ def make_routing(seed=1, skip_expert=None):
     return idx_TK, gates_TK
 
 
+def layout_counts(idx_TK):
+    return torch.bincount(idx_TK.flatten(), minlength=E).tolist()
+
+
 def naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2):
     """One token at a time, one slot at a time, in fp32."""
     rows = []
@@ -90,11 +94,12 @@ def test_bf16_weights_compute_in_bf16_and_return_input_dtype():
 
 
 @pytest.mark.parametrize("fold_gates", [False, True])
-@pytest.mark.parametrize("group", [2, 8])
-def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group):
+@pytest.mark.parametrize("group,chunk", [(2, 512), (8, 512), (2, 4)])
+def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group, chunk):
     """The padded-bmm path (bf16 frozen experts on CPU) computes the loop's function and gradients;
     fp32 here so that they agree to rounding. Groups of 2 sort the experts by load into three
-    groups (weights gathered out of order); 8 puts all in one. The empty expert is never read."""
+    groups (weights gathered out of order); 8 puts all in one; pieces of 4 rows split every expert
+    (its weights gathered once per piece). The empty expert is never read."""
     w1, b1, w2, b2 = make_experts()
     idx_TK, gates_TK = make_routing(skip_expert=2)
     gates_TK = gates_TK.detach().requires_grad_(True)
@@ -106,7 +111,7 @@ def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group):
         gates_S = None
         if fold_gates:
             gates_S, counts.gates_applied = counts.gates_S, True
-        layouts.append(padded_layout(list(counts), group=group, bucket=4))
+        layouts.append(padded_layout(list(counts), group=group, bucket=4, chunk=chunk))
         return padded_frozen_mlp(x_SD, layouts[-1], w1, b1, w2, b2, gates_S=gates_S)
 
     outs = {}
@@ -125,9 +130,14 @@ def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group):
     assert torch.allclose(outs["loop"][0], looped, atol=1e-6)
     assert calls == [0, 1, 3, 4, 5]  # the empty expert is skipped
     (layout,) = layouts
-    assert len(layout.groups) == (3 if group == 2 else 1) and 2 not in layout.experts.tolist()
+    experts = layout.experts.tolist()
+    assert 2 not in experts
+    if chunk == 4:  # every expert's ~22 slots in pieces of 4
+        assert len(experts) == sum(-(-n // 4) for n in layout_counts(idx_TK)) > E
+    else:
+        assert len(layout.groups) == (3 if group == 2 else 1)
     if group == 2:
-        assert layout.experts.tolist() != sorted(layout.experts.tolist())  # the weights really were permuted
+        assert experts != sorted(experts)  # the weights really were permuted
 
 
 def test_padded_layout_by_hand():
@@ -144,6 +154,20 @@ def test_padded_layout_by_hand():
     assert [slot_R[p] for p in want] == list(range(24))
     padding = sorted(set(range(40)) - set(want))
     assert all(slot_R[r] == 0 for r in padding)  # padding rows copy slot 0 (row-wise ops: never read back)
+
+
+def test_padded_layout_pieces_by_hand():
+    """The same counts in pieces of 4 rows, no rounding: expert 0 -> pieces of 4 and 1, expert 2 -> 4,
+    4, 1, expert 3 -> 3, expert 4 -> 4, 3. Sorted by size (stable) into groups of 2, every group is
+    full: nothing is padded, and each slot lands in its piece at its rank within the piece."""
+    layout = padded_layout([5, 0, 9, 3, 7], group=2, bucket=1, chunk=4)
+    assert layout.experts.tolist() == [0, 2, 2, 4, 3, 4, 0, 2]
+    assert layout.groups == [(0, 2, 4, 0), (2, 4, 4, 8), (4, 6, 3, 16), (6, 8, 1, 22)]
+    assert layout.rows == 24
+    assert layout.pos_S.tolist() == [0, 1, 2, 3, 22,  # expert 0: its first piece, then its 1-row piece
+                                     4, 5, 6, 7, 8, 9, 10, 11, 23,  # expert 2
+                                     16, 17, 18,  # expert 3
+                                     12, 13, 14, 15, 19, 20, 21]  # expert 4
 
 
 def test_padded_path_refuses_padding_far_beyond_the_loops_rows():

@@ -565,16 +565,24 @@ def _lora_mlp(x_SD, counts: list[int], w1_EDF, b1_EF, w2_EFD, b2_ED, lora: LoRA,
 # 256 x 256 x 512 matmuls: 4.0 ms; one bmm over them: 1.6 ms, on the dev box). So experts are padded
 # to a common row count and each op is a few ``bmm`` (or one elementwise call) over (experts, cap, .).
 # Padding every expert to the busiest one wastes rows with the routing's imbalance: the busiest
-# expert of a cpu_some layer holds 1.5x the mean slots at initialisation and 5.4x after ten steps, so
-# a single cap refused the padded path where training spends its time. Instead the experts are
-# sorted by load and cut into groups of PADDED_GROUP, each padded only to its own busiest expert,
-# rounded up to ROW_BUCKET: 1.05-1.2x the real rows at those counts. A fixed group size and
-# bucketed caps keep the set of bmm shapes small (oneDNN builds a kernel per new shape, ~1.5 ms
-# for a bmm). Groups of 4 or 16, or cuts chosen by a cost model, timed within noise of 8. The
-# weights are gathered into that order, one temporary copy per pass (0.7 ms for 64 experts' 16 MB
-# in bf16), never saved: frozen experts are not held twice. Against the per-expert loop, fwd+bwd of
-# cpu_some's four layers' counts after ten steps: 36-38 ms vs 49-53 ms (dev box, bf16).
+# expert of a cpu_some layer holds 1.5x the mean slots at initialisation and 5-16x in the first
+# hundred training steps, so a single cap refused the padded path wherever training spends its
+# time. Instead the experts (or their pieces, below) are sorted by size and cut into groups of
+# PADDED_GROUP, each padded only to its own largest, rounded up to ROW_BUCKET. A fixed group size and
+# bucketed caps keep the set of bmm shapes small (oneDNN builds a kernel per new shape, ~1.5 ms for
+# a bmm). Groups of 4 or 16, or cuts chosen by a cost model, timed within noise of 8
+# (scripts/padded_groups.py). The weights are gathered into that order, one temporary copy per
+# pass (0.7 ms for 64 experts' 16 MB in bf16), never saved: frozen experts are not held twice.
 PADDED_GROUP = 8
+# Experts with more slots run as several pieces of at most this many rows. oneDNN keeps a primitive
+# for every bf16 bmm shape it has seen, holding memory that grows with the shape (RSS +14 MB for each
+# new (8, 8192, 128) x (8, 128, 128), against +2 MB for a same-sized mm, on the dev box): with caps up to a
+# trained cpu_some's 8k-slot experts, 120 training steps' peak RSS was 3.6 GB against 2.0-2.4 GB
+# for the loop (1.96 GB with ONEDNN_PRIMITIVE_CACHE_CAPACITY=64, but slower). Pieces bound the caps
+# (so the shapes and their memory), and an expert's full pieces pad nothing. 120 steps of cpu_some
+# (`somoe train --preset cpu_some train.max_steps=120`): 62.0 / 62.6 / 61.4 s at 512 rows,
+# 63.7 s at 1024, 66.1 s at 256, 68.1 s for the loop; peak RSS 2.2-2.5 GB.
+PADDED_CHUNK = 512
 # Fall back to the per-expert loop where the padded rows exceed this many times the loop's own
 # (bucketed) rows.
 PADDED_MAX_WASTE = 1.5
@@ -584,7 +592,7 @@ PADDED_MAX_WASTE = 1.5
 class PaddedLayout:
     """Where each expert's rows sit in the padded buffer."""
 
-    experts: torch.Tensor  # non-empty expert ids in buffer order (busiest first): the weights' gather index
+    experts: torch.Tensor  # the expert of every piece in buffer order (largest first): the weights' gather index
     groups: list[tuple[int, int, int, int]]  # (first, stop) positions in ``experts``, cap rows each, first row
     pos_S: torch.Tensor  # buffer row of every sorted slot
     slot_R: torch.Tensor  # sorted slot in every buffer row; padding rows repeat slot 0 (see _padded_rows)
@@ -597,28 +605,37 @@ class PaddedLayout:
 
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu", group: int | None = None,
-                  bucket: int | None = None) -> PaddedLayout:
-    """Experts sorted by load (stable), cut into groups of ``group`` (default PADDED_GROUP), each
-    expert of a group padded to its busiest one's count rounded up to ``bucket`` (default
-    ROW_BUCKET) rows; empty experts get no rows."""
-    group, bucket = group or PADDED_GROUP, bucket or ROW_BUCKET
-    order = sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e])
-    base_E, groups, rows = [0] * len(counts), [], 0
+                  bucket: int | None = None, chunk: int | None = None) -> PaddedLayout:
+    """Each expert's slots cut into pieces of ``chunk`` rows (default PADDED_CHUNK) and a remainder;
+    pieces sorted by size (stable), cut into groups of ``group`` (default PADDED_GROUP), each piece
+    of a group padded to the group's largest rounded up to ``bucket`` (default ROW_BUCKET). A piece
+    computes with its expert's weights (gathered once per piece); empty experts get nothing."""
+    group, bucket, chunk = group or PADDED_GROUP, bucket or ROW_BUCKET, chunk or PADDED_CHUNK
+    piece_expert, piece_rows, first_piece_E = [], [], []
+    for e, n in enumerate(counts):
+        first_piece_E.append(len(piece_rows))
+        for start in range(0, n, chunk):
+            piece_expert.append(e)
+            piece_rows.append(min(chunk, n - start))
+    order = sorted(range(len(piece_rows)), key=lambda p: -piece_rows[p])
+    base_P, groups, rows = [0] * len(piece_rows), [], 0
     for first in range(0, len(order), group):
         stop = min(first + group, len(order))
-        cap = -(-counts[order[first]] // bucket) * bucket
+        cap = -(-piece_rows[order[first]] // bucket) * bucket
         for j in range(first, stop):
-            base_E[order[j]] = rows + (j - first) * cap
+            base_P[order[j]] = rows + (j - first) * cap
         groups.append((first, stop, cap, rows))
         rows += (stop - first) * cap
     counts_E = torch.tensor(counts, device=device)
     expert_S = _expert_of_row(counts_E, sum(counts))
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_S = torch.arange(expert_S.numel(), device=device) - starts_E[expert_S]
-    pos_S = torch.tensor(base_E, device=device)[expert_S] + rank_S
+    piece_S = torch.tensor(first_piece_E, device=device)[expert_S] + torch.div(rank_S, chunk, rounding_mode="floor")
+    pos_S = torch.tensor(base_P, device=device)[piece_S] + rank_S % chunk
     slot_R = pos_S.new_zeros(rows)
     slot_R[pos_S] = torch.arange(pos_S.numel(), device=device)
-    return PaddedLayout(torch.tensor(order, dtype=torch.long, device=device), groups, pos_S, slot_R, rows)
+    experts = torch.tensor([piece_expert[p] for p in order], dtype=torch.long, device=device)
+    return PaddedLayout(experts, groups, pos_S, slot_R, rows)
 
 
 def _padded_rows(rows_SD: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
