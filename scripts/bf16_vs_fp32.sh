@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # bf16 vs fp32 training of one preset on the built-in corpus: the same seed, data and steps,
 # both runs side by side at one thread each (2 cores), then the val losses at every eval.
-#   bash scripts/bf16_vs_fp32.sh [PRESET] [STEPS] [OUT]      # default: cpu_some 200 runs/bf16_vs_fp32
+#   bash scripts/bf16_vs_fp32.sh [PRESET] [STEPS] [OUT] [key=value ...]   # default: cpu_some 200 runs/bf16_vs_fp32
+#   bash scripts/bf16_vs_fp32.sh cpu_some 200 runs/bf16_seed1338 train.seed=1338   # overrides go to both runs
 # bf16 = train.precision=bf16 (autocast, fp32 master weights) and, for SoME presets, bf16 frozen experts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRESET=${1:-cpu_some}
 STEPS=${2:-200}
 OUT=${3:-runs/bf16_vs_fp32}
+shift $(( $# < 3 ? $# : 3 ))
 PY=${PY:-.venv/bin/python}
 SOMOE="$PY -m somoe"
 mkdir -p "$OUT"
-common=(train.max_steps="$STEPS" train.eval_every=50 train.eval_batches=8 train.num_threads=1)
+common=(train.max_steps="$STEPS" train.eval_every=50 train.eval_batches=8 train.num_threads=1 "$@")
 fp32_extra=() bf16_extra=()
 ffn=$($PY -c "from somoe.config import load_config; print(load_config(preset='$PRESET').model.ffn)")
 if [[ $ffn == some ]]; then  # the frozen experts' storage follows the run's precision (the preset may say bf16)

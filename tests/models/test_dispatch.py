@@ -170,6 +170,18 @@ def test_padded_layout_pieces_by_hand():
                                      12, 13, 14, 15, 19, 20, 21]  # expert 4
 
 
+def test_busy_experts_run_as_pieces_of_at_most_the_chunk():
+    """Pieces bound every group's cap by PADDED_CHUNK (512): oneDNN keeps memory for every bmm shape it
+    has seen, so the caps must not follow the busiest expert's count. 2000 slots -> 512 x 3 + 464,
+    700 -> 512 + 188, 30; in groups of 4 the four full pieces fill one group with no padding."""
+    layout = padded_layout([2000, 700, 30], group=4, bucket=32, chunk=512)
+    assert layout.experts.tolist() == [0, 0, 0, 1, 0, 1, 2]
+    assert layout.groups == [(0, 4, 512, 0), (4, 7, 480, 2048)]  # 464 rounded up to 480
+    assert layout.rows == 2048 + 3 * 480
+    assert int((layout.pos_S < 2048).sum()) == 2048  # the first group's rows are all real slots
+    assert max(cap for _, _, cap, _ in padded_layout([9000, 40]).groups) == 512  # the defaults
+
+
 def test_padded_path_refuses_padding_far_beyond_the_loops_rows():
     """One busy expert among quiet ones: its group (all 6, PADDED_GROUP 8) would pad 5 experts from 32 to
     96 rows (576 rows against the loop's 256 at ROW_BUCKET 32), so the per-expert loop runs; balanced
