@@ -31,7 +31,7 @@ def make_routing(seed=1, skip_expert=None):
     return idx_TK, gates_TK
 
 
-def layout_counts(idx_TK):
+def slot_counts(idx_TK):
     return torch.bincount(idx_TK.flatten(), minlength=E).tolist()
 
 
@@ -133,7 +133,7 @@ def test_padded_bmm_and_per_expert_agree_with_grouped_loop(fold_gates, group, ch
     experts = layout.experts.tolist()
     assert 2 not in experts
     if chunk == 4:  # every expert's ~22 slots in pieces of 4
-        assert len(experts) == sum(-(-n // 4) for n in layout_counts(idx_TK)) > E
+        assert len(experts) == sum(-(-n // 4) for n in slot_counts(idx_TK)) > E
     else:
         assert len(layout.groups) == (3 if group == 2 else 1)
     if group == 2:
