@@ -93,7 +93,7 @@ def main() -> None:
             for waste, group, chunk in variants.values():
                 dm.PADDED_MAX_WASTE, dm.PADDED_GROUP, dm.PADDED_CHUNK = waste, group, chunk
                 ms = time_mlp(counts, d_model, d_ffn, args.reps)
-                bucketed = sum(-(-n // dm.ROW_BUCKET) * dm.ROW_BUCKET for n in counts)  # the loop's rows
+                bucketed = sum(dm._round_up(n, dm.ROW_BUCKET) for n in counts)  # the loop's rows
                 rows = (dm.padded_layout(counts, group=group, chunk=chunk).rows if waste else bucketed) / sum(counts)
                 cells.append(f"{ms:8.1f} ms x{rows:4.2f}")
             print(f"{i:>5} {max(counts) * len(counts) / sum(counts):8.2f} " + " ".join(f"{c:>18}" for c in cells))

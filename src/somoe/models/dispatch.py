@@ -278,10 +278,14 @@ def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor 
 ROW_BUCKET = 32
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _bucket(rows: int, like: torch.Tensor) -> int:
     """The row count a per-expert matmul on ``like``'s device and dtype runs at (>= ``rows``)."""
     if like.device.type == "cpu" and like.dtype in (torch.bfloat16, torch.float16):
-        return -(-rows // ROW_BUCKET) * ROW_BUCKET
+        return _round_up(rows, ROW_BUCKET)
     return rows
 
 
@@ -598,11 +602,6 @@ class PaddedLayout:
     slot_R: torch.Tensor  # sorted slot in every buffer row; padding rows repeat slot 0 (see _padded_rows)
     rows: int  # rows of the whole buffer
 
-    def blocks(self, buf_RX: torch.Tensor):
-        """``(first, stop, view)`` per group: its rows of ``buf_RX`` as (experts, cap, X)."""
-        for first, stop, cap, r0 in self.groups:
-            yield first, stop, buf_RX[r0:r0 + (stop - first) * cap].view(stop - first, cap, buf_RX.shape[1])
-
 
 def padded_layout(counts: list[int], device: torch.device | str = "cpu", group: int | None = None,
                   bucket: int | None = None, chunk: int | None = None) -> PaddedLayout:
@@ -621,7 +620,7 @@ def padded_layout(counts: list[int], device: torch.device | str = "cpu", group: 
     base_P, groups, rows = [0] * len(piece_rows), [], 0
     for first in range(0, len(order), group):
         stop = min(first + group, len(order))
-        cap = -(-piece_rows[order[first]] // bucket) * bucket
+        cap = _round_up(piece_rows[order[first]], bucket)
         for j in range(first, stop):
             base_P[order[j]] = rows + (j - first) * cap
         groups.append((first, stop, cap, rows))
@@ -650,11 +649,13 @@ def _padded_bmm(a_RX: torch.Tensor, w_EXY: torch.Tensor, layout: PaddedLayout,
                 bias_EY: torch.Tensor | None = None) -> torch.Tensor:
     """Each group's rows of ``a`` times its experts' ``w`` (+ bias); ``w`` already in layout order."""
     out = a_RX.new_empty(a_RX.shape[0], w_EXY.shape[2])
-    for (first, stop, a), (_, _, o) in zip(layout.blocks(a_RX), layout.blocks(out)):
+    for first, stop, cap, r0 in layout.groups:
+        n, rows = stop - first, slice(r0, r0 + (stop - first) * cap)
+        a, o, w = a_RX[rows].view(n, cap, -1), out[rows].view(n, cap, -1), w_EXY[first:stop]
         if bias_EY is None:
-            torch.bmm(a, w_EXY[first:stop], out=o)
+            torch.bmm(a, w, out=o)
         else:
-            torch.baddbmm(bias_EY[first:stop].unsqueeze(1), a, w_EXY[first:stop], out=o)
+            torch.baddbmm(bias_EY[first:stop].unsqueeze(1), a, w, out=o)
     return out
 
 
