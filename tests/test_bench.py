@@ -134,6 +134,15 @@ def test_train_bench_compiled_rows_and_bf16_some_experts(monkeypatch):
     rows = bench_train(("cpu_some",), dtypes=("bf16",), reps=1, overrides=TINY_MODEL, compile=True)
     assert all(r["compiled"] for r in rows) and {"cpu_gpt2", "cpu_some"} <= {r["impl"] for r in rows}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert by(rows, impl="cpu_some")["reference"] == "cpu_gpt2"
     assert built["some"] == "bf16"
     bench_train(("cpu_some",), dtypes=("fp32",), reps=1, overrides=TINY_MODEL)
     assert built["some"] == "fp32"  # though cpu_some's preset stores its experts in bf16
+
+
+def test_train_bench_reference_preset_replaces_cpu_gpt2():
+    """--reference names the preset the others are measured against; cpu_gpt2 is then not built at all."""
+    rows = bench_train(("cpu_some",), dtypes=("fp32",), reps=1, overrides=TINY_MODEL, reference="cpu_moe")
+    assert {r["impl"] for r in rows if not r["impl"].startswith("transformers")} == {"cpu_moe", "cpu_some"}
+    some, ref = by(rows, impl="cpu_some"), by(rows, impl="cpu_moe")
+    assert some["reference"] == "cpu_moe" and math.isclose(some["ratio"], some["tokens_per_s"] / ref["tokens_per_s"])

@@ -4,12 +4,14 @@ models/dispatch.py says why)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from somoe.config import load_config
 from somoe.models.dispatch import expert_counts
 from somoe.models.transformer import build_model
+from somoe.train.runtime import compile_model
 
 SMALL = ["model.vocab_size=128", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32",
          "data.seq_len=32", "model.some.num_experts=16", "model.some.top_k=8", "model.some.d_ffn=16"]
@@ -46,3 +48,46 @@ def test_compiled_some_steps_match_eager_without_recompiling():
     # steps 0-1 compile (step 1 sees the routing tallies allocated); steps 2-3 route differently
     # and must reuse those graphs
     assert compiled_frames[0] > 0 and compiled_frames[3] == compiled_frames[1]
+
+
+
+def _compiled_steps(preset: str, extra: list[str], total: int, steps: range) -> list[int]:
+    """Frames compiled after each training step of a model compiled as the trainer compiles it
+    and told its progress as the trainer tells it (``set_progress`` before every step)."""
+    cfg = load_config(preset=preset, overrides=SMALL + extra)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, "cpu").train()
+    torch._dynamo.reset()
+    frames = CompileCounterWithBackend("eager")
+    compiled = compile_model(model, backend=frames)
+    seen = []
+    for step in steps:
+        model.set_progress(step, total)
+        x = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(step))
+        compiled(x, x).loss.backward()
+        seen.append(frames.frame_count)
+    return seen
+
+
+@pytest.mark.parametrize("top_k, update_every", [(8, 2), (12, 1)])
+def test_compiled_some_recompiles_only_for_a_new_k_or_statistics_setting(top_k, update_every):
+    """seed000_some's top-k warm-up over 100 steps: k = 1 for steps 0-9, 1 + floor((top_k - 1) r)
+    with r = (s - 10) / 10 for steps 10-19, then top_k. Graphs are compiled at every step that
+    brings a new k (11 of them for top_k 12: more than dynamo's default limit of 8 allows), and
+    otherwise only where the statistics setting is new (gathered or not, tallies allocated or
+    not); never for the step number itself."""
+    steps = range(24)
+    over = [f"model.some.top_k={top_k}", f"model.some.update_every={update_every}"]
+    seen = _compiled_steps("seed000_some", over, total=100, steps=steps)
+    k = [1 if s < 10 else min(top_k, 1 + int((top_k - 1) * (s - 10) / 10 + 1e-9)) for s in steps]
+    stats = [(s % update_every == 0, s > 0) for s in steps]
+    new_k = {s for s in steps if s > 0 and k[s] not in k[:s]}
+    new_stats = {s for s in steps if s > 0 and stats[s] not in stats[:s]}
+    grew = {s for s in steps if s > 0 and seen[s] > seen[s - 1]}
+    assert seen[0] > 0 and new_k <= grew <= new_k | new_stats, (sorted(grew), sorted(new_k), sorted(new_stats))
+
+
+def test_compiled_moe_recompiles_only_when_its_noise_starts():
+    seen = _compiled_steps("cpu_moe", ["model.moe.noise_start_step=5"], total=100, steps=range(10))
+    grew = [s for s in range(1, 10) if seen[s] > seen[s - 1]]
+    assert seen[0] > 0 and set(grew) <= {1, 5} and 5 in grew

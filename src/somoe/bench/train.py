@@ -2,8 +2,8 @@
 
 Our models come from the presets (random token batches of the preset's
 batch size and sequence length); the reference is our GPT-2 baseline
-(``cpu_gpt2``) in the same dtype. bf16 rows run bf16 autocast with fp32
-master weights and store SoME's frozen experts in bf16, fp32 rows in fp32
+(``cpu_gpt2`` unless ``reference`` names another preset) in the same dtype.
+bf16 rows run bf16 autocast with fp32 master weights and store SoME's frozen experts in bf16, fp32 rows in fp32
 (``model.some.expert_dtype``, whatever the preset says), as ``somoe bench layer`` does.
 ``transformers``' ``GPT2LMHeadModel`` runs at each GPT-2 preset's size (its
 learned positions and tied head differ slightly in parameter count; both
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import flops
-from ..train.runtime import autocast_factory
+from ..train.runtime import autocast_factory, compile_model
 from .common import HF_MISSING, add_mfu, hf_available, matmul_ceiling, measure
 
 DEFAULT_PRESETS = ("cpu_gpt2", "cpu_some", "quickstart")
@@ -23,7 +23,7 @@ REFERENCE = "cpu_gpt2"
 
 
 def _compiled(model: torch.nn.Module, compile: bool) -> torch.nn.Module:
-    return torch.compile(model) if compile else model
+    return compile_model(model) if compile else model
 
 
 def _step(loss_fn, model, optimizer, precision: str, device: torch.device):
@@ -72,8 +72,13 @@ def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
 
 
 def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3, device: str = "cpu",
-                overrides: tuple[str, ...] = (), notes: list[str] | None = None, compile: bool = False) -> list[dict]:
+                overrides: tuple[str, ...] = (), notes: list[str] | None = None, compile: bool = False,
+                reference: str = REFERENCE) -> list[dict]:
     """One row per (preset, dtype) plus ``transformers_gpt2@<preset>`` for GPT-2 presets.
+
+    ``reference``: the preset every other preset's ``ratio`` is taken against (always run). On a
+    GPU, naming one of the measured presets (e.g. ``seed000_gpt2``) spares building, and under
+    ``compile`` compiling, the CPU-sized ``cpu_gpt2``.
 
     ``compile``: every model (ours and transformers') runs under ``torch.compile``; the
     warm-up step pays the compilation and is not timed.
@@ -86,7 +91,7 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
     with_hf = hf_available()
     if not with_hf and notes is not None:
         notes.append(HF_MISSING)
-    presets = list(dict.fromkeys([REFERENCE, *presets]))
+    presets = list(dict.fromkeys([reference, *presets]))
     configs = {name: load_config(preset=name, overrides=list(overrides)) for name in presets}
     rows: list[dict] = []
     ceilings = {dt: matmul_ceiling(dev, dt) for dt in dtypes}
@@ -121,17 +126,17 @@ def bench_train(presets=DEFAULT_PRESETS, dtypes=("fp32", "bf16"), reps: int = 3,
                          "params_total": counts["total"], "params_trainable": counts["trainable"], **t,
                          "tokens_per_s": B * T / (t["ms"] / 1e3), "flops": model_flops(cfg.model, B, T),
                          "threads": torch.get_num_threads(), "device": dev.type, "compiled": compile})
-    _ratios(rows)
+    _ratios(rows, reference)
     add_mfu(rows, ceilings)
     return rows
 
 
-def _ratios(rows: list[dict]) -> None:
-    """tokens/s over the reference's: cpu_gpt2 for our presets, our own preset for transformers' rows;
+def _ratios(rows: list[dict], reference: str) -> None:
+    """tokens/s over the reference's: ``reference`` for our presets, our own preset for transformers' rows;
     ``vs_fp32`` on bf16 rows (the same impl's fp32 tokens/s)."""
     by = {(r["impl"], r["dtype"]): r for r in rows}
     for r in rows:
-        ref_impl = r["preset"] if r["impl"].startswith("transformers") else REFERENCE
+        ref_impl = r["preset"] if r["impl"].startswith("transformers") else reference
         ref = by.get((ref_impl, r["dtype"]))
         if ref is not None:
             r["reference"], r["ratio"] = ref_impl, r["tokens_per_s"] / ref["tokens_per_s"]

@@ -34,6 +34,7 @@ def register(sub) -> None:
     common(q, 3)
     q.add_argument("--presets", default="", help="comma list (default cpu_gpt2,cpu_some,quickstart)")
     q.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
+    q.add_argument("--reference", default="cpu_gpt2", help="the preset the other presets' ratio is taken against")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset, e.g. train.batch_size=8")
     q.set_defaults(func=cmd_train)
 
@@ -68,13 +69,11 @@ def _dtypes(args) -> tuple[str, ...]:
 
 
 def _setup(args) -> None:
-    import torch
+    from ..train.runtime import resolve_device, setup_backends
 
-    from ..train.runtime import keep_freed_cpu_memory
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    keep_freed_cpu_memory()  # as training does on the CPU: both sides of every ratio run with it
+    # as training sets them up (the CPU allocator setting; TF32 and cuDNN autotuning on a GPU):
+    # both sides of every ratio run with them
+    setup_backends(resolve_device(args.device), args.threads)
 
 
 def _grid(text: str) -> tuple[tuple[int, int], ...]:
@@ -122,7 +121,8 @@ def cmd_train(args) -> int:
         ("cpu_gpt2", "cpu_some") if args.quick else train.DEFAULT_PRESETS)
     notes: list[str] = []
     rows = train.bench_train(presets, _dtypes(args), reps=min(args.reps, 2) if args.quick else args.reps,
-                             device=args.device, overrides=tuple(args.overrides), notes=notes, compile=args.compile)
+                             device=args.device, overrides=tuple(args.overrides), notes=notes, compile=args.compile,
+                             reference=args.reference)
     return _emit(args, rows, train.COLUMNS, notes)
 
 

@@ -51,6 +51,19 @@ def autocast_factory(precision: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+# Graphs a compiled model may need over one run: SoME's top-k warm-up needs one per k (up to top_k)
+# and, with update_every > 1, each again without the statistics. Past dynamo's default limit of 8
+# a frame runs eagerly for the rest of the process, silently.
+RECOMPILE_LIMIT = 64
+
+
+def compile_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
+    """``torch.compile(model, **kwargs)`` with room for the graphs of a run's schedules (above)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(model, **kwargs)
+
+
 def setup_backends(device: torch.device, num_threads: int = 0) -> None:
     if num_threads > 0:
         torch.set_num_threads(num_threads)

@@ -28,7 +28,7 @@ from .callbacks import Callback, CheckpointCallback, MetricsLogger, SelfOrganize
 from .checkpoint import find_resumable, list_checkpoints, load_model_state, load_training_state
 from .dist import DistInfo, all_reduce_scalar, barrier, init_distributed
 from .optim import build_optimizer, lr_at, set_lr
-from .runtime import autocast_factory, resolve_device, resolve_precision, setup_backends
+from .runtime import autocast_factory, compile_model, resolve_device, resolve_precision, setup_backends
 
 
 class Trainer:
@@ -111,7 +111,7 @@ class Trainer:
         return Path(resume)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        wrapped = torch.compile(model) if self.cfg.train.compile else model
+        wrapped = compile_model(model) if self.cfg.train.compile else model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -95,7 +95,7 @@ class MoELayer(FFN):
                 b.no_weight_decay = True  # stacked biases are 2-D; the optimizer must not treat them as matrices
         self.act = None if self.swiglu else activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
-        self._step = 0
+        self.set_progress(0, 0)
         self._tally = RoutingTally(self.cfg.num_experts)
         # added to the clean logits when set (E,): upcycling's verification forces each expert in turn
         self.logit_offset: torch.Tensor | None = None
@@ -117,10 +117,11 @@ class MoELayer(FFN):
 
     # --- routing -------------------------------------------------------------------------
     def set_progress(self, step: int, total_steps: int) -> None:
-        self._step = step
+        # a bool, not the step: torch.compile guards on what the forward reads (SoMELayer.set_progress)
+        self._noise_started = step >= self.cfg.noise_start_step
 
     def noise_active(self) -> bool:
-        return self.noise is not None and self.training and self._step >= self.cfg.noise_start_step
+        return self.noise is not None and self.training and self._noise_started
 
     def _logits(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(routing logits H, clean logits x W_g, noise std or None), all fp32."""

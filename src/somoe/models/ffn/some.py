@@ -91,7 +91,7 @@ class SoMELayer(FFN):
         self._register_state(E, D)
         self._register_experts(E, D)
         self._register_lora(E, D)
-        self._step, self._total_steps = 0, 0
+        self.set_progress(0, 0)
         self._tally = RoutingTally(c.num_experts)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
@@ -197,11 +197,16 @@ class SoMELayer(FFN):
 
     # --- routing -------------------------------------------------------------------------
     def set_progress(self, step: int, total_steps: int) -> None:
-        self._step, self._total_steps = step, total_steps
+        # The forward reads only the values derived here, never the step itself: torch.compile
+        # guards on every int a forward reads, so reading the step recompiled every step until
+        # dynamo's recompile limit sent the rest of training to eager.
+        self._total_steps = total_steps
+        self._top_k = rules.top_k_at(self.cfg, step, total_steps)
+        self._gather_now = step % self.cfg.update_every == 0  # other steps skip the statistics entirely
 
     @property
     def top_k_now(self) -> int:
-        return rules.top_k_at(self.cfg, self._step, self._total_steps)
+        return self._top_k
 
     def temperature(self) -> torch.Tensor | float:
         base = self.cfg.router_temperature_train if self.training else self.cfg.router_temperature_eval
@@ -278,7 +283,7 @@ class SoMELayer(FFN):
     # --- statistics (section 3) ----------------------------------------------------------
     def _gathering(self) -> bool:
         if self.training:
-            return self._step % self.cfg.update_every == 0  # other steps skip the work entirely
+            return self._gather_now
         return self.cfg.adapt_at_inference
 
     @torch.no_grad()
