@@ -3,8 +3,9 @@
 Our models come from the presets (random token batches of the preset's
 batch size and sequence length); the reference is our GPT-2 baseline
 (``cpu_gpt2`` unless ``reference`` names another preset) in the same dtype.
-bf16 rows run bf16 autocast with fp32 master weights and store SoME's frozen experts in bf16, fp32 rows in fp32
-(``model.some.expert_dtype``, whatever the preset says), as ``somoe bench layer`` does.
+bf16 rows run bf16 autocast with fp32 master weights and store SoME's frozen
+experts in bf16, fp32 rows in fp32 (``model.some.expert_dtype``, whatever the
+preset says), as ``somoe bench layer`` does.
 ``transformers``' ``GPT2LMHeadModel`` runs at each GPT-2 preset's size (its
 learned positions and tied head differ slightly in parameter count; both
 are reported).

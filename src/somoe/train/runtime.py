@@ -51,9 +51,9 @@ def autocast_factory(precision: str, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-# Graphs a compiled model may need over one run: SoME's top-k warm-up needs one per k (up to top_k)
-# and, with update_every > 1, each again without the statistics. Past dynamo's default limit of 8
-# a frame runs eagerly for the rest of the process, silently.
+# Graphs a compiled model may need over one run: SoME's top-k warm-up compiles its routing frame once
+# per value of k, up to top_k of them. Past dynamo's default limit of 8 a frame runs eagerly for the
+# rest of the process, with one warning (tests/models/test_compile.py ramps k to 12).
 RECOMPILE_LIMIT = 64
 
 
