@@ -12,13 +12,12 @@ bench times it) and back to back, then the kernels that take the most device tim
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from somoe.bench.common import sync
+from somoe.bench.common import measure, sync
 from somoe.bench.train import _step
 from somoe.config import load_config
 from somoe.models.transformer import build_model
@@ -41,18 +40,14 @@ def top_kernels(run, device: torch.device, steps: int, rows: int) -> tuple[float
 
 
 def step_times(run, device: torch.device, steps: int) -> tuple[float, float]:
-    """(median ms of a step synced after each, mean ms of ``steps`` steps run back to back)."""
-    synced = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        synced.append((time.perf_counter() - t0) * 1e3)
+    """(median ms of a step synced after each, as the bench times it; mean ms of ``steps`` steps run
+    back to back)."""
+    synced = measure({"step": run}, steps, device, warmup=0)["step"]["ms"]
     t0 = time.perf_counter()
     for _ in range(steps):
         run()
     sync(device)
-    return statistics.median(synced), (time.perf_counter() - t0) * 1e3 / steps
+    return synced, (time.perf_counter() - t0) * 1e3 / steps
 
 
 def main() -> None:
