@@ -10,6 +10,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from somoe.config import load_config
 from somoe.models.dispatch import expert_counts
+from somoe.models.ffn import build_ffn
 from somoe.models.transformer import build_model
 from somoe.train.runtime import compile_model
 
@@ -91,3 +92,18 @@ def test_compiled_moe_recompiles_only_when_its_noise_starts():
     seen = _compiled_steps("cpu_moe", ["model.moe.noise_start_step=5"], total=100, steps=range(10))
     grew = [s for s in range(1, 10) if seen[s] > seen[s - 1]]
     assert seen[0] > 0 and set(grew) <= {1, 5} and 5 in grew
+
+
+def test_some_forward_reads_no_tensor_value_on_the_host():
+    """cpu_some's statistics (centred queries, dormant keys re-seeded at sampled queries) and a
+    token sample: outside the functions kept eager on purpose (the dispatch, the host RNG draws),
+    the forward traces whole. A host read of a buffer's value (``int(self.som_updates)``) would be
+    a graph break here and a host sync per layer on a GPU."""
+    cfg = load_config(preset="cpu_some", overrides=SMALL + ["model.some.update_token_fraction=0.5"]).model
+    layer = build_ffn(cfg, 1).train()
+    layer.set_progress(100, 400)  # past the top-k warm-up, on a statistics step
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 16, cfg.d_model))
+    reasons = [b.reason.splitlines()[0] for b in explained.break_reasons]
+    assert reasons and all("torch.compiler.disable()" in r for r in reasons), reasons
+    assert float(layer.stat_sample_draws) == 1.0 and float(layer.stat_tokens) == 16.0  # the statistics ran

@@ -53,6 +53,15 @@ def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]
     return shapes
 
 
+def _from_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor made on the host, on ``device`` without a host sync: a plain copy to CUDA waits for
+    the stream, a non-blocking one from pinned memory is queued (PyTorch's pinned-memory allocator
+    keeps the buffer until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class Rates:
     alpha: float
@@ -95,7 +104,13 @@ class SoMELayer(FFN):
         self._tally = RoutingTally(c.num_experts)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
+        # Host copies of the counters that seed the query samples: reading the buffers in the forward
+        # would be a host sync per layer on a GPU (and a graph break under torch.compile).
+        # None: unknown (after a load), read from the buffer once at the next use.
+        self._updates_on_host: int | None = 0
+        self._draws_on_host = 0
         self.register_load_state_dict_pre_hook(self._check_expert_hash)
+        self.register_load_state_dict_post_hook(self._forget_host_counters)
         self.init_weights()
 
     # --- construction --------------------------------------------------------------------
@@ -148,6 +163,7 @@ class SoMELayer(FFN):
         self.usage_ema.fill_(1.0 / E)
         for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
             getattr(self, name).zero_()
+        self._updates_on_host = 0
         if c.center_queries:
             self.query_center.zero_()
         if self.log_tau is not None:
@@ -176,6 +192,10 @@ class SoMELayer(FFN):
         for name, t in tensors.items():
             getattr(self, f"expert_{name}").copy_(t)
         self._experts_ready = True
+
+    @staticmethod
+    def _forget_host_counters(module: "SoMELayer", _incompatible_keys) -> None:
+        module._updates_on_host = None  # som_updates came from the checkpoint
 
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
@@ -297,9 +317,7 @@ class SoMELayer(FFN):
     def _accumulate_fp32(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
                          g_TK: torch.Tensor, counts_E: torch.Tensor | None) -> None:
         if self.cfg.update_token_fraction < 1.0:
-            T = q_TD.shape[0]
-            m = max(1, round(self.cfg.update_token_fraction * T))
-            rows = torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values.to(q_TD.device)
+            rows = self._token_sample(q_TD.shape[0], q_TD.device)
             q_TD, q_raw_TD, idx_TK, g_TK = q_TD[rows], q_raw_TD[rows], idx_TK[rows], g_TK[rows]
             counts_E = None  # the forward's counts cover every token, not this sample
         T, K = idx_TK.shape
@@ -323,19 +341,36 @@ class SoMELayer(FFN):
         self.stat_tokens += T
         self.stat_gate_entropy += rules.gate_entropy_TK(g_TK).sum()
 
+    # Host RNG and host counters run eagerly under torch.compile: traced, the generator is a graph
+    # break and the counters would be guards that recompile at every update.
+    @torch.compiler.disable
+    def _token_sample(self, T: int, device: torch.device) -> torch.Tensor:
+        """The sorted rows of this batch's ``update_token_fraction`` sample (the layer's own stream)."""
+        m = max(1, round(self.cfg.update_token_fraction * T))
+        return _from_host(torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values, device)
+
+    @torch.compiler.disable
     def _draw_query_samples(self, q_TD: torch.Tensor) -> None:
         """One random query per expert (``decay_target=sample``), summed over micro-batches and ranks.
 
         The rows come from a generator seeded by (seed, layer, update count, draw), so a resumed
         run draws the same rows as an uninterrupted one; ranks draw the same row numbers of
-        their own batches, and the all-reduced mean is a mean of real queries.
+        their own batches, and the all-reduced mean is a mean of real queries. The counts are
+        the host copies of ``som_updates`` and ``stat_sample_draws``.
         """
         seed = (self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET
-                + 7919 * int(self.som_updates) + int(self.stat_sample_draws))
+                + 7919 * self._updates_so_far() + self._draws_on_host)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         rows_E = torch.randint(0, q_TD.shape[0], (self.cfg.num_experts,), generator=gen, device="cpu")
-        self.stat_q_samples += q_TD[rows_E.to(q_TD.device)]
+        self.stat_q_samples += q_TD[_from_host(rows_E, q_TD.device)]
         self.stat_sample_draws += 1
+        self._draws_on_host += 1
+
+    def _updates_so_far(self) -> int:
+        """``som_updates``, from its host copy (read from the buffer once after a load)."""
+        if self._updates_on_host is None:
+            self._updates_on_host = int(self.som_updates)
+        return self._updates_on_host
 
     def som_statistics(self) -> list[torch.Tensor]:
         """The accumulators, for the trainer's in-place SUM all-reduce."""
@@ -344,6 +379,7 @@ class SoMELayer(FFN):
     def _clear_statistics(self) -> None:
         for name in self._statistics:
             getattr(self, name).zero_()
+        self._draws_on_host = 0
 
     def train(self, mode: bool = True):
         if mode and not self.training:
@@ -403,11 +439,12 @@ class SoMELayer(FFN):
             route_ED = c.key_ema * self.key_route + (1.0 - c.key_ema) * new_ED
             self.key_route.copy_(F.normalize(route_ED, dim=1) if c.key_norm else route_ED)
         self._entropy_band(top_k)
+        self._updates_on_host = self._updates_so_far() + 1
         self.som_updates += 1
 
     def _update_query_mean(self) -> None:
         tokens = self.stat_tokens.clamp_min(1.0)
-        first = int(self.som_updates) == 0  # no EMA bias toward the zero they start from
+        first = self._updates_so_far() == 0  # no EMA bias toward the zero they start from
         pairs = [(self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay)]
         if self.cfg.center_queries:
             pairs.append((self.query_center, self.stat_q_raw_total, self.cfg.center_decay))
