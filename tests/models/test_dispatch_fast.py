@@ -276,3 +276,19 @@ def test_bf16_row_buckets_change_no_result(kind, trainable, monkeypatch):
     assert T * K < E * 32  # so every slice is padded, and the last one past the buffer's end
     for got, want in zip(results[32], results[1]):
         assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_expert_loop_runs_gelu_and_its_gradient_on_aten_kernels(capfd, trainable):
+    """oneDNN builds a kernel for every new tensor shape, and the loop's expert slices have a new row
+    count at almost every training call, so their GELU and its gradient must not reach it: oneDNN's
+    log shows no eltwise primitive for them. A GELU outside the loop is logged (the control)."""
+    x = torch.randn(40, D, requires_grad=True)
+    w1, b1, w2, b2 = weights(trainable=trainable)
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+        grouped_mlp(x, [9, 13, 0, 11, 7], w1, b1, w2, b2).sum().backward()
+        F.gelu(torch.randn(5, 7))
+    eltwise = [line for line in capfd.readouterr().out.splitlines() if ",eltwise," in line]
+    assert len(eltwise) == 1 and "5x7" in eltwise[0], eltwise
+    assert x.grad is not None and torch.backends.mkldnn.enabled  # oneDNN is back on after the loop

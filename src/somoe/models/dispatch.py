@@ -21,8 +21,9 @@ autograd function whose backward runs only the two input-gradient matmuls
 per expert; weight gradients are computed only for the weights autograd asks
 for (trainable MoE experts). On CPU each expert's ops run back to back on its
 slice while it is in cache, at row counts rounded up to ``ROW_BUCKET`` in bf16
-(oneDNN builds a kernel per shape); the function saves the pre-activation (and
-the ungated output, for the gates' gradient) and never the weights' copies.
+(oneDNN builds a kernel per shape), the activation on ATen's own kernels
+(:func:`_aten_kernels`); the function saves the pre-activation (and the ungated
+output, for the gates' gradient) and never the weights' copies.
 Weights stored in bf16 are computed in bf16 (CPU AMX, GPU tensor cores);
 inside autocast the autocast dtype is used; the result is cast back to the
 input dtype. bf16 frozen experts on CPU take a padded-bmm path
@@ -266,6 +267,30 @@ def _activation_grad(activation: Callable, pre: torch.Tensor, d_act: torch.Tenso
         return torch.autograd.grad(activation(leaf), leaf, d_act)[0]
 
 
+def _aten_kernels(fn: Callable) -> Callable:
+    """``fn`` run with oneDNN switched off, so that ATen uses its own CPU kernels.
+
+    ATen sends exact GELU and its gradient on contiguous CPU tensors to oneDNN, which builds a
+    kernel for every new shape. The per-expert loop's slices have a new row count at almost every
+    call in training (fp32 rows are not bucketed): 128 slices of random rows took, through oneDNN,
+    7.5 ms (GELU) and 27.1 ms (its gradient) in fp32 against 3.4 and 5.3 ms with ATen's kernels
+    (``python scripts/onednn_shapes.py``, dev box), and a cpu_some fp32 step spent ~230 of ~950 ms
+    there. Whole-buffer calls (the padded path) keep oneDNN, whose kernel is 2x ATen's on one large
+    bf16 tensor. The switch is global, so it brackets only the elementwise call: bf16 matmuls need
+    oneDNN.
+    """
+    def on_aten(*args):
+        if not torch.backends.mkldnn.enabled:
+            return fn(*args)
+        torch.backends.mkldnn.enabled = False
+        try:
+            return fn(*args)
+        finally:
+            torch.backends.mkldnn.enabled = True
+
+    return on_aten
+
+
 def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     return fn() if needed else None
 
@@ -388,6 +413,7 @@ def _expert_loop_forward(x_SD, counts: list[int], activation, w1_EDF, b1_EF, w2_
     ``pre`` keeps the bucketed rows so that backward runs at the same shapes."""
     dt = x_SD.dtype
     u_SD, pres = _with_slack(x_SD, w2_EFD.shape[2]), []
+    activation = _aten_kernels(activation)
     for e, s, t in _slices(counts):
         n = _bucket(t - s, x_SD)
         pre = _affine(_rows(x_SD, s, n), w1_EDF[e].to(dt), b1_EF, e)
@@ -412,7 +438,8 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
     dx rows that the next expert then overwrites. Weight gradients sum over rows, so there the
     window is the expert's own rows and zeros.
     """
-    need, counts, act, dt = ctx.needs_input_grad, ctx.counts, ctx.activation, ctx.dt
+    need, counts, act, dt = ctx.needs_input_grad, ctx.counts, _aten_kernels(ctx.activation), ctx.dt
+    act_grad = _aten_kernels(_activation_grad)
     E, S = w1_EDF.shape[0], dy_SD.shape[0]
     weight_grads = any(need[4:])
     dy_gated = _with_slack(dy_SD, dy_SD.shape[1])
@@ -434,7 +461,7 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
             _mm_into(dw2[e], act(pre).t(), dy)
         if db2 is not None:
             torch.sum(dy, 0, out=db2[e])
-        d_pre = _activation_grad(act, pre, dy @ w2_EFD[e].to(dt).t())
+        d_pre = act_grad(ctx.activation, pre, dy @ w2_EFD[e].to(dt).t())
         if dx is not None:
             torch.mm(d_pre, w1_EDF[e].to(dt).t(), out=dx[s:s + n])
         if dw1 is not None:
