@@ -62,6 +62,8 @@ def test_params_json_without_allocating(capsys):
     (["train", "--preset", "debug", "train.nope=1"], "unknown config key 'train.nope'"),
     (["train", "--preset", "debug", "model.n_heads=3"], "not divisible by model.n_heads"),
     (["eval", "/nonexistent/run"], "has no checkpoints"),
+    (["train", "--preset", "debug", "train.device=gpu0"], "train.device='gpu0' is not a device"),
+    (["bench", "layer", "--device", "gpu0"], "--device 'gpu0' is not a device"),  # named as the bench takes it
 ])
 def test_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

@@ -49,7 +49,7 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
         tok_file = ckpt.parent.parent / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"no tokenizer.json next to {ckpt}; copy the run's tokenizer.json there")
-    dev = resolve_device(device)
+    dev = resolve_device(device, setting="--device ")
     setup_backends(dev)  # eval, generate and the analyses run with training's allocator and matmul settings
     model = build_model(cfg.model, dev)
     load_model_state(ckpt, model)

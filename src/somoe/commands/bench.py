@@ -73,7 +73,7 @@ def _setup(args) -> None:
 
     # as training sets them up (the CPU allocator setting; TF32 and cuDNN autotuning on a GPU):
     # both sides of every ratio run with them
-    setup_backends(resolve_device(args.device), args.threads)
+    setup_backends(resolve_device(args.device, setting="--device "), args.threads)
 
 
 def _grid(text: str) -> tuple[tuple[int, int], ...]:

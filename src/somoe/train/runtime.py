@@ -13,8 +13,8 @@ import torch
 from ..config import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks cuda > mps > cpu."""
+def resolve_device(name: str, setting: str = "train.device=") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; errors name the ``setting`` the value came from."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -24,9 +24,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{setting}{name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise ConfigError(f"{setting}{name} but no CUDA GPU is visible; use {setting}auto or {setting}cpu")
     return device
 
 
