@@ -438,8 +438,8 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
     dx rows that the next expert then overwrites. Weight gradients sum over rows, so there the
     window is the expert's own rows and zeros.
     """
-    need, counts, act, dt = ctx.needs_input_grad, ctx.counts, _aten_kernels(ctx.activation), ctx.dt
-    act_grad = _aten_kernels(_activation_grad)
+    need, counts, act, dt = ctx.needs_input_grad, ctx.counts, ctx.activation, ctx.dt
+    act_on_aten, act_grad_on_aten = _aten_kernels(act), _aten_kernels(_activation_grad)
     E, S = w1_EDF.shape[0], dy_SD.shape[0]
     weight_grads = any(need[4:])
     dy_gated = _with_slack(dy_SD, dy_SD.shape[1])
@@ -458,10 +458,10 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
         n = pre.shape[0]
         dy = _zero_padded(dy_gated[s:t], n) if weight_grads else dy_gated[s:s + n]
         if dw2 is not None:
-            _mm_into(dw2[e], act(pre).t(), dy)
+            _mm_into(dw2[e], act_on_aten(pre).t(), dy)
         if db2 is not None:
             torch.sum(dy, 0, out=db2[e])
-        d_pre = act_grad(ctx.activation, pre, dy @ w2_EFD[e].to(dt).t())
+        d_pre = act_grad_on_aten(act, pre, dy @ w2_EFD[e].to(dt).t())
         if dx is not None:
             torch.mm(d_pre, w1_EDF[e].to(dt).t(), out=dx[s:s + n])
         if dw1 is not None:
