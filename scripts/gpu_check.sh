@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5's GPU checks in one call on a lent GPU machine (PyTorch + CUDA, transformers; no install):
 # correctness first (the CUDA tests, scripts/gpu_validate.py), then `somoe bench` on CUDA (eager and
-# compiled training steps against seed000_gpt2, the layer at the issue's two shapes, generation), then
-# a short end-to-end `somoe train` with `train.compile=true`. Each step has its own time limit so that
+# compiled training steps against seed000_gpt2, the layer at the issue's two shapes and where its step
+# waits (scripts/layer_profile.py: host or device), generation), then a short end-to-end `somoe train`
+# with `train.compile=true`. Each step has its own time limit so that
 # a slow or failing step costs only its share; results land in $OUT (default /tmp/somoe-gpu):
 # gpu.log, validate.json, layer.json, train.json, train_compiled.json, generate.json.
 #   bash scripts/gpu_check.sh            # ~6-9 minutes on an H100 (limits sum to 570 s)
@@ -40,8 +41,9 @@ step tests 30 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatc
 step validate 80 python3 scripts/gpu_validate.py --json "$OUT/validate.json"
 GPU_PRESETS=(--presets seed000_gpt2,seed000_some --reference seed000_gpt2 --dtypes bf16 --reps 10 --json)
 step train.json 60 $SOMOE bench train --device cuda "${GPU_PRESETS[@]}"
-step train_compiled.json 150 $SOMOE bench train --device cuda "${GPU_PRESETS[@]}" --compile
+step train_compiled.json 130 $SOMOE bench train --device cuda "${GPU_PRESETS[@]}" --compile
 step layer.json 40 $SOMOE bench layer --device cuda --grid 64:4,128:8 --dtypes bf16 --reps 20 --json
+step layer_profile 20 python3 scripts/layer_profile.py --device cuda --reps 10
 step generate.json 60 $SOMOE bench generate --device cuda --preset seed000_gpt2 --dtypes bf16 --reps 3 \
   --new-tokens 32 --json
 step compile_profile 60 python3 scripts/compile_profile.py --preset seed000_gpt2
