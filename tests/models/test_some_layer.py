@@ -242,6 +242,21 @@ def test_cosine_scores_use_unit_queries_and_keys():
     assert torch.allclose(scores, torch.tensor([[1 / math.sqrt(2)] * 2]), atol=1e-6)  # tau 1
 
 
+@pytest.mark.parametrize("router_dtype", ["fp32", "autocast"])
+def test_router_precision_inside_a_bf16_autocast_forward(router_dtype):
+    """``router_dtype: fp32`` scores in fp32 inside bf16 autocast, equal to the scores without it;
+    ``autocast`` scores in bf16 like every other layer: within bf16 rounding of them, not equal."""
+    layer = make_layer(d_model=32, num_experts=16, top_k=4, score="cosine", router_dtype=router_dtype)
+    x = rand(64, 32)
+    ref, *_ = layer._scores(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, *_ = layer._scores(x)
+    if router_dtype == "fp32":
+        assert got.dtype == torch.float32 and torch.equal(got, ref)
+    else:
+        assert got.dtype == torch.bfloat16 and 0 < (got.float() - ref).abs().max() < 0.02
+
+
 def test_top_k_warmup_applies_in_forward():
     layer = make_layer(top_k=4, topk_warmup=0.5)
     layer.set_progress(0, 10)

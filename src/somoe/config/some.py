@@ -28,6 +28,9 @@ class SoMEConfig:
     # --- router --------------------------------------------------------------
     query_net: Literal["linear", "mlp"] = "linear"
     query_hidden: int = 0  # hidden width of the mlp query net; 0 = d_model
+    # fp32: the router (query net, scores, top-k, gates) runs in fp32 inside a bf16/fp16 autocast forward;
+    # autocast: it follows the autocast like every other layer (docs/benchmarks.md compares the two)
+    router_dtype: Literal["fp32", "autocast"] = "fp32"
     score: Literal["dot", "cosine"] = "dot"  # dot: q.K/sqrt(d); cosine (also implied by key_norm): unit q, unit K
     center_queries: bool = False  # score q - c (c: running mean query) so a direction shared by every token cannot decide the routing
     center_decay: float = 0.9  # per-update EMA decay of the query centre c

@@ -238,16 +238,18 @@ class SoMELayer(FFN):
     def _scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scores_TE / tau, the query each score used: centred, then unit-norm when cosine; the raw query).
 
-        The router runs in fp32 even under autocast (d x d and T x E: cheap): bf16 cosine scores
-        carry 8 mantissa bits, so near-ties among 128 keys flip top-k choices, and the keys' rules
-        learn from these queries. Measured on cpu_some, 200 steps: bf16 val loss 0.864 with a bf16
-        router against 0.697 in fp32 (docs/benchmarks.md).
+        With ``router_dtype: fp32`` (the default) the router runs in fp32 even under autocast (d x d
+        and T x E: cheap): bf16 cosine scores carry 8 mantissa bits, so near-ties among 128 keys can
+        flip top-k choices, and the keys' rules learn from these queries. docs/benchmarks.md
+        ("bf16 training of cpu_some") compares the two settings over 8 seeds.
         """
+        if self.cfg.router_dtype == "autocast":
+            return self._router_scores(x_TD)
         router_dtype = next(self.query.parameters()).dtype  # fp32 masters under autocast
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._scores_fp32(x_TD.to(router_dtype))
+            return self._router_scores(x_TD.to(router_dtype))
 
-    def _scores_fp32(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _router_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_raw_TD = q_TD = self.query(x_TD)
         if self.cfg.center_queries:
             q_TD = q_TD - self.query_center.to(q_TD.dtype)
