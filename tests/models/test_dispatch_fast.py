@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from somoe.models.dispatch import Groups, dispatch, grouped_mlp, grouped_swiglu
+from somoe.models.dispatch import Groups, LoRA, _ActivationOnAten, dispatch, grouped_mlp, grouped_swiglu
 
 T, D, E, K, FF = 29, 8, 5, 2, 12
 
@@ -279,16 +279,29 @@ def test_bf16_row_buckets_change_no_result(kind, trainable, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch built with oneDNN")
-@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
-def test_expert_loop_runs_gelu_and_its_gradient_on_aten_kernels(capfd, trainable):
+@pytest.mark.parametrize("kind", ["frozen", "trainable", "lora"])
+def test_expert_loop_runs_gelu_and_its_gradient_on_aten_kernels(capfd, kind):
     """oneDNN builds a kernel for every new tensor shape, and the loop's expert slices have a new row
     count at almost every training call, so their GELU and its gradient must not reach it: oneDNN's
     log shows no eltwise primitive for them. A GELU outside the loop is logged (the control)."""
     x = torch.randn(40, D, requires_grad=True)
-    w1, b1, w2, b2 = weights(trainable=trainable)
+    w1, b1, w2, b2 = weights(trainable=kind == "trainable")
+    lora = None
+    if kind == "lora":  # the LoRA ablation's plain-autograd loop
+        g = torch.Generator().manual_seed(4)
+        lora = LoRA(*(torch.randn(*shape, generator=g).requires_grad_(True)
+                      for shape in ((E, D, 2), (E, 2, FF), (E, FF, 2), (E, 2, D))), scale=0.5)
     with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-        grouped_mlp(x, [9, 13, 0, 11, 7], w1, b1, w2, b2).sum().backward()
+        grouped_mlp(x, [9, 13, 0, 11, 7], w1, b1, w2, b2, lora=lora).sum().backward()
         F.gelu(torch.randn(5, 7))
     eltwise = [line for line in capfd.readouterr().out.splitlines() if ",eltwise," in line]
     assert len(eltwise) == 1 and "5x7" in eltwise[0], eltwise
     assert x.grad is not None and torch.backends.mkldnn.enabled  # oneDNN is back on after the loop
+
+
+@pytest.mark.parametrize("activation", [F.gelu, F.silu, lambda t: t * torch.tanh(t)], ids=["gelu", "silu", "custom"])
+def test_activation_on_aten_kernels_has_the_activations_gradient(activation):
+    """The LoRA loop's activation function (ATen kernels) passes gradcheck in fp64, whatever the activation."""
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _ActivationOnAten.apply(t, activation), (x,))
+    assert torch.equal(_ActivationOnAten.apply(x, activation), activation(x))

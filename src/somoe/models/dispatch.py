@@ -291,6 +291,22 @@ def _aten_kernels(fn: Callable) -> Callable:
     return on_aten
 
 
+class _ActivationOnAten(torch.autograd.Function):
+    """``activation(x)`` with its gradient, both on ATen's kernels (:func:`_aten_kernels`), for the
+    plain-autograd per-expert loop of the LoRA ablation (autograd's own GELU node would go to oneDNN)."""
+
+    @staticmethod
+    def forward(ctx, x, activation):
+        ctx.save_for_backward(x)
+        ctx.activation = activation
+        return _aten_kernels(activation)(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return _aten_kernels(_activation_grad)(ctx.activation, x, grad), None
+
+
 def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     return fn() if needed else None
 
@@ -583,7 +599,7 @@ def _lora_mlp(x_SD, counts: list[int], w1_EDF, b1_EF, w2_EFD, b2_ED, lora: LoRA,
 
     def expert(e: int, x: torch.Tensor) -> torch.Tensor:
         h = torch.addmm(b1s[e], x, w1s[e]) if b1s is not None else x @ w1s[e]
-        h = activation(h + lora.scale * ((x @ ad[0][e]) @ ad[1][e]))
+        h = _ActivationOnAten.apply(h + lora.scale * ((x @ ad[0][e]) @ ad[1][e]), activation)
         y = torch.addmm(b2s[e], h, w2s[e]) if b2s is not None else h @ w2s[e]
         return y + lora.scale * ((h @ ad[2][e]) @ ad[3][e])
 
