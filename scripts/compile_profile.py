@@ -22,7 +22,7 @@ from somoe.bench.train import _step
 from somoe.config import load_config
 from somoe.models.transformer import build_model
 from somoe.train.optim import build_optimizer
-from somoe.train.runtime import compile_model, resolve_device, setup_backends
+from somoe.train.runtime import DEVICE_FLAG, compile_model, resolve_device, setup_backends
 
 
 def top_kernels(run, device: torch.device, steps: int, rows: int) -> tuple[float, list[tuple[str, float]]]:
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting=DEVICE_FLAG)
     setup_backends(device)
     cfg = load_config(preset=args.preset, overrides=args.overrides)
     B, T = cfg.train.batch_size, cfg.data.seq_len

@@ -26,7 +26,7 @@ from compile_profile import top_kernels  # noqa: E402  (scripts/ is not a packag
 
 from somoe.bench.common import hf_available, sync  # noqa: E402
 from somoe.bench.layer import LayerShape, _step, build_layers  # noqa: E402
-from somoe.train.runtime import resolve_device, setup_backends  # noqa: E402
+from somoe.train.runtime import DEVICE_FLAG, resolve_device, setup_backends  # noqa: E402
 
 
 def host_and_synced_ms(run, device: torch.device, reps: int) -> tuple[float, float]:
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=16)
     args = ap.parse_args()
-    device = resolve_device(args.device, setting="--device ")
+    device = resolve_device(args.device, setting=DEVICE_FLAG)
     setup_backends(device)
     shape = LayerShape(tokens=args.tokens, num_experts=args.experts, top_k=args.top_k)
     layers = build_layers(shape, "bf16", device, hf_available())

@@ -10,7 +10,7 @@ from .data import BPETokenizer, TokenStream, encode_stories_for_eval, prepare_da
 from .models import LM, build_model
 from .train.checkpoint import (CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state,
                                read_trainer_state)
-from .train.runtime import resolve_device, setup_backends
+from .train.runtime import DEVICE_FLAG, resolve_device, setup_backends
 
 
 @dataclass
@@ -49,7 +49,7 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
         tok_file = ckpt.parent.parent / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"no tokenizer.json next to {ckpt}; copy the run's tokenizer.json there")
-    dev = resolve_device(device, setting="--device ")
+    dev = resolve_device(device, setting=DEVICE_FLAG)
     setup_backends(dev)  # eval, generate and the analyses run with training's allocator and matmul settings
     model = build_model(cfg.model, dev)
     load_model_state(ckpt, model)

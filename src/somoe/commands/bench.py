@@ -69,11 +69,11 @@ def _dtypes(args) -> tuple[str, ...]:
 
 
 def _setup(args) -> None:
-    from ..train.runtime import resolve_device, setup_backends
+    from ..train.runtime import DEVICE_FLAG, resolve_device, setup_backends
 
     # as training sets them up (the CPU allocator setting; TF32 and cuDNN autotuning on a GPU):
     # both sides of every ratio run with them
-    setup_backends(resolve_device(args.device, setting="--device "), args.threads)
+    setup_backends(resolve_device(args.device, setting=DEVICE_FLAG), args.threads)
 
 
 def _grid(text: str) -> tuple[tuple[int, int], ...]:

@@ -13,6 +13,9 @@ import torch
 from ..config import ConfigError
 
 
+DEVICE_FLAG = "--device "  # how the commands other than training (bench, eval, generate, scripts) take it
+
+
 def resolve_device(name: str, setting: str = "train.device=") -> torch.device:
     """``auto`` picks cuda > mps > cpu; errors name the ``setting`` the value came from."""
     if name == "auto":
