@@ -1,4 +1,4 @@
-"""``somoe bench layer|train|generate|memory``: speed against references run in the same process, and memory.
+"""``somoe bench layer|train|generate|memory|ops``: speed against references run in the same process, and memory.
 
 Each prints a table (and notes, e.g. skipped ``transformers`` rows); with
 ``--json`` one object ``{"rows": [...]}`` on stdout (notes go to stderr).
@@ -12,7 +12,7 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmarks (vs dense, GPT-2 and transformers)")
-    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory}")
+    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory,ops}")
 
     def common(q, reps: int):
         q.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of a table')
@@ -56,6 +56,17 @@ def register(sub) -> None:
     q.add_argument("--budget-gib", type=float, default=24.0)
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_memory)
+
+    q = kinds.add_parser("ops", help="non-view ATen ops of one FFN layer's forward+backward: dense, moe, some")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16")
+    q.add_argument("--paths", default="host,device", help="host (the CPU's per-expert loop), device (the GPU path)")
+    q.add_argument("--top", type=int, default=0, help="also list the N most frequent ops per row")
+    q.add_argument("--grid", default="64:4", help="E:k pairs")
+    q.add_argument("--tokens", type=int, default=256)
+    q.add_argument("--d-model", type=int, default=64)
+    q.add_argument("--d-ffn", type=int, default=128)
+    q.set_defaults(func=cmd_ops)
 
 
 def _dtypes(args) -> tuple[str, ...]:
@@ -148,3 +159,18 @@ def cmd_memory(args) -> int:
     notes = [f"{r['preset']}: peak RSS {r['rss_peak_bytes'] / memory.GIB:.2f} GiB of a {args.budget_gib:g} GiB budget "
              f"(fits: {r['fits_budget']})" for r in rows if "rss_peak_bytes" in r]
     return _emit(args, rows, memory.COLUMNS, notes)
+
+
+def cmd_ops(args) -> int:
+    from ..bench import ops
+    from ..bench.layer import LayerShape
+    from ..config import ConfigError
+
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    if not paths or any(p not in ops.PATHS for p in paths):
+        raise ConfigError(f"--paths {args.paths!r}: use a comma list of {', '.join(ops.PATHS)}")
+    rows = []
+    for E, k in _grid(args.grid):
+        shape = LayerShape(args.tokens, args.d_model, args.d_ffn, E, k)
+        rows += ops.bench_ops(shape, _dtypes(args), paths, top=args.top)
+    return _emit(args, rows, ops.COLUMNS, [])

@@ -42,13 +42,34 @@ first matmul, but costs a packed copy of every expert.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Iterator, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 
-Counts = Union[list[int], torch.Tensor]  # slots per expert: host list (loop) or device tensor (grouped mm)
+
+
+class DeviceGroups(NamedTuple):
+    """Where each expert's rows sit in the sorted buffer, on the device (no host sync): computed once per
+    layer by :func:`dispatch` and shared by every grouped matmul of its forward and backward."""
+
+    offsets: torch.Tensor  # int32 (E,): end row of each expert's block (cumulative counts)
+    expert_S: torch.Tensor  # the expert of every sorted row (the bias rows' gather index)
+
+    @classmethod
+    def of(cls, counts_E: torch.Tensor, rows: int) -> "DeviceGroups":
+        """From slots per expert (a device tensor), for callers that hold only the counts."""
+        return cls(torch.cumsum(counts_E, 0, dtype=torch.int32), _expert_of_row(counts_E, rows))
+
+    @property
+    def num_experts(self) -> int:
+        return self.offsets.numel()
+
+
+# slots per expert: host list (loop), a device tensor or device groups (grouped mm, no host sync)
+Counts = Union[list[int], torch.Tensor, DeviceGroups]
 # grouped expert function: (x_SD sorted by expert, counts per expert) -> y_SD in the same order
 GroupedFn = Callable[[torch.Tensor, Counts], torch.Tensor]
 # the public form (torch >= 2.10) where it exists, else the private op (same semantics); None: too old
@@ -72,16 +93,48 @@ def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def slot_counts(expert_idx_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor) -> torch.Tensor:
+    """Weighted slots per expert (float, length E): each token's K slots count ``weight_T[t]``
+    (0 for PAD tokens that statistics must not see)."""
+    flat = expert_idx_TK.reshape(-1).long()
+    w_S = weight_T.unsqueeze(1).expand(expert_idx_TK.shape).reshape(-1)
+    return w_S.new_zeros(num_experts).scatter_add_(0, flat, w_S)
+
+
 def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True,
          counts_E: torch.Tensor | None = None) -> Plan:
     """Sort the flattened slots by expert id (stable) and count slots per expert (``counts_E``: the
     caller's :func:`expert_counts` of the same indices, when it has them)."""
     flat_S = expert_idx_TK.reshape(-1)
-    order_S = torch.argsort(flat_S, stable=True)
+    expert_S, order_S = torch.sort(flat_S, stable=True)
     counts = expert_counts(flat_S, num_experts) if counts_E is None else counts_E
     if host_counts:
         counts = counts.tolist()
-    return Plan(order_S, order_S // expert_idx_TK.shape[1], flat_S[order_S], counts)
+    return Plan(order_S, order_S // expert_idx_TK.shape[1], expert_S, counts)
+
+
+_STATIC = False  # static_dispatch(): device-side groups on every device (the GPU path, on the CPU too)
+
+
+@contextlib.contextmanager
+def static_dispatch(on: bool = True) -> Iterator[None]:
+    """Route every :func:`dispatch` inside through device-side groups (no host count list, fixed
+    ``T*K``-row buffers): what the GPU runs, and what ``torch.compile`` traces without a graph break.
+    On the CPU the grouped matmul is correct but slower than the per-expert loop."""
+    global _STATIC
+    previous, _STATIC = _STATIC, on
+    try:
+        yield
+    finally:
+        _STATIC = previous
+
+
+def _device_counts(counts: Counts) -> bool:
+    return isinstance(counts, (torch.Tensor, DeviceGroups))
+
+
+def _groups(counts: torch.Tensor | DeviceGroups, rows: int) -> DeviceGroups:
+    return counts if isinstance(counts, DeviceGroups) else DeviceGroups.of(counts, rows)
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -122,33 +175,66 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     """
     dt = compute_dtype or x_TD.dtype
     if grouped is None:
-        grouped = grouped_mm_available(x_TD.device, dt)
-    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
+        grouped = _STATIC or torch.compiler.is_compiling() or grouped_mm_available(x_TD.device, dt)
+    if grouped:  # traced whole by torch.compile: no host value, fixed shapes
+        return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True, counts_E)
+    return _dispatch_host(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, counts_E)
 
 
 @torch.compiler.disable
+def _dispatch_host(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, counts_E) -> torch.Tensor:
+    """The host-count path runs eagerly: traced, host counts would become guards (``counts[2] == 65``)
+    and recompile the graph every step (``torch.compile`` takes the device path instead)."""
+    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, False, counts_E)
+
+
 def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool,
               counts_E: torch.Tensor | None) -> torch.Tensor:
-    """Runs eagerly under ``torch.compile`` (a graph break; the rest of the model is compiled).
-
-    Host counts, traced, would become guards (``counts[2] == 65``) and recompile the graph
-    every step. The grouped (device-count) path compiled with inductor gave wrong gradients on
-    an H100 (torch 2.11, 2026-11-27: a seed000_some step's gradients 85% off eager's while the
-    loss matched, and eager matched a CPU fp32 reference to 0.9%); eagerly it is a handful of
-    kernels with no host sync, so little is lost.
-    """
     K = expert_idx_TK.shape[1]
     p = plan(expert_idx_TK, num_experts, host_counts=not grouped, counts_E=counts_E)
     x_SD = x_TD.to(dt).index_select(0, p.token_S)  # the K-fold copy: matmul operands must be contiguous
-    g_S = gates_TK.reshape(-1).index_select(0, p.order_S)
-    counts = p.counts if grouped else Groups(p.counts, g_S)
-    y_SD = expert_fn(x_SD, counts)
-    if not getattr(counts, "gates_applied", False):
-        y_SD = y_SD * g_S.to(y_SD.dtype).unsqueeze(1)
     inverse_S = torch.empty_like(p.order_S)
     inverse_S[p.order_S] = torch.arange(p.order_S.numel(), device=p.order_S.device)
-    acc = torch.promote_types(x_TD.dtype, torch.float32)
+    acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32  # fp32 sums for bf16/fp16 slots
+    if grouped:
+        # device groups: offsets once per layer, shared by the forward's and backward's grouped matmuls
+        y_SD = expert_fn(x_SD, DeviceGroups(torch.cumsum(p.counts, 0, dtype=torch.int32), p.expert_S))
+        return _GatedUnpermute.apply(y_SD, gates_TK, inverse_S, p.order_S, acc).to(x_TD.dtype)
+    g_S = gates_TK.reshape(-1).index_select(0, p.order_S)
+    counts = Groups(p.counts, g_S)
+    y_SD = expert_fn(x_SD, counts)
+    if not counts.gates_applied:
+        y_SD = y_SD * g_S.to(y_SD.dtype).unsqueeze(1)
     return _Unpermute.apply(y_SD, inverse_S, p.token_S, K, acc).to(x_TD.dtype)
+
+
+class _GatedUnpermute(torch.autograd.Function):
+    """``y_t = sum_j g_tj * u_{slot(t, j)}`` as one batched (1 x K) @ (K x D) product per token, in ``acc``.
+
+    The device path's gate-and-sum: the slots' ungated outputs are gathered into token order once,
+    and the gates' gradient is the same product transposed, so neither the gates nor their gradient
+    pass through the sorted order (a gather forward, a zero-filled scatter-add backward)."""
+
+    @staticmethod
+    def forward(ctx, u_SD, gates_TK, inverse_S, order_S, acc):
+        T, K = gates_TK.shape
+        u_TKD = u_SD.index_select(0, inverse_S).view(T, K, u_SD.shape[1]).to(acc)
+        g_T1K = gates_TK.to(acc).unsqueeze(1)
+        ctx.save_for_backward(u_TKD, g_T1K, order_S)
+        ctx.u_dtype, ctx.g_dtype = u_SD.dtype, gates_TK.dtype
+        return torch.bmm(g_T1K, u_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, d_TD):
+        u_TKD, g_T1K, order_S = ctx.saved_tensors
+        d_TD = d_TD.to(u_TKD.dtype)
+        du_SD = du = dg = None
+        if ctx.needs_input_grad[0]:
+            du = g_T1K.transpose(1, 2) * d_TD.unsqueeze(1)  # (T, K, D): each slot's share
+            du_SD = du.view(-1, d_TD.shape[1]).index_select(0, order_S).to(ctx.u_dtype)
+        if ctx.needs_input_grad[1]:
+            dg = torch.bmm(u_TKD, d_TD.unsqueeze(2)).squeeze(2).to(ctx.g_dtype)
+        return du_SD, dg, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -164,10 +250,14 @@ class _Unpermute(torch.autograd.Function):
         ctx.save_for_backward(token_S)
         ctx.y_dtype = y_SD.dtype
         y_TKD = y_SD.index_select(0, inverse_S).view(-1, K, y_SD.shape[1])
+        if y_SD.dtype == acc or y_SD.is_cuda:  # one reduction kernel
+            return y_TKD.sum(1, dtype=acc)
         # K adds into one accumulator: ``sum(1, dtype=acc)`` first casts the whole T x K x D block
         # (bf16, cpu_some's shape: 11 ms against 3 ms on the dev box; the same sums, in the same order)
-        out_TD = y_TKD[:, 0].to(acc, memory_format=torch.contiguous_format, copy=True)
-        for j in range(1, K):
+        if K == 1:
+            return y_TKD[:, 0].to(acc, memory_format=torch.contiguous_format, copy=True)
+        out_TD = torch.add(y_TKD[:, 0].to(acc), y_TKD[:, 1])
+        for j in range(2, K):
             out_TD += y_TKD[:, j]
         return out_TD
 
@@ -193,6 +283,8 @@ def compute_dtype(x: torch.Tensor, weight_dtype: torch.dtype) -> torch.dtype:
 
 def host_counts(counts: Counts) -> list[int]:
     """Counts as a list (a host sync when they are a device tensor)."""
+    if isinstance(counts, DeviceGroups):
+        counts = torch.diff(counts.offsets, prepend=counts.offsets.new_zeros(1))
     return counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
 
 
@@ -209,10 +301,6 @@ def per_expert(fn: Callable[[int, torch.Tensor], torch.Tensor]) -> GroupedFn:
 
 
 # --- grouped matmul primitives (no autograd; the Functions below own the backward) ---------------
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
-    return torch.cumsum(counts, 0).to(torch.int32)
-
-
 def _expert_of_row(counts: torch.Tensor, rows: int) -> torch.Tensor:
     # output_size keeps repeat_interleave from reading the total back to the host
     return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=rows)
@@ -220,10 +308,11 @@ def _expert_of_row(counts: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch.Tensor | None = None) -> torch.Tensor:
     """Row block ``e`` of ``a`` times ``b[e]`` (+ ``bias[e]``), one output buffer, no concatenation."""
-    if isinstance(counts, torch.Tensor):
-        out = _grouped_mm(a_SK, b_EKN, offs=_offsets(counts))
+    if _device_counts(counts):
+        groups = _groups(counts, a_SK.shape[0])
+        out = _grouped_mm(a_SK, b_EKN, offs=groups.offsets)
         if bias_EN is not None:
-            out += bias_EN.index_select(0, _expert_of_row(counts, a_SK.shape[0]))
+            out += bias_EN.index_select(0, groups.expert_S)
         return out
     out = _with_slack(a_SK, b_EKN.shape[2])
     for e, s, t in _slices(counts):
@@ -234,8 +323,8 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
 
 def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
     """``a[e-block]^T @ d[e-block]`` for every expert: (E, K, N), zeros for empty experts."""
-    if isinstance(counts, torch.Tensor):
-        return _grouped_mm(a_SK.t(), d_SN, offs=_offsets(counts))
+    if _device_counts(counts):
+        return _grouped_mm(a_SK.t(), d_SN, offs=_groups(counts, a_SK.shape[0]).offsets)
     out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
     for e, s, t in _slices(counts):
         n = _bucket(t - s, a_SK)  # the rows past t meet zero rows of d: exact
@@ -245,10 +334,10 @@ def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> 
 
 def _group_sum(d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
     """Per-expert sum of rows (the bias gradient): (E, N)."""
-    E = counts.numel() if isinstance(counts, torch.Tensor) else len(counts)
-    out = d_SN.new_zeros(E, d_SN.shape[1])
-    if isinstance(counts, torch.Tensor):
-        return out.index_add_(0, _expert_of_row(counts, d_SN.shape[0]), d_SN)
+    if _device_counts(counts):
+        groups = _groups(counts, d_SN.shape[0])
+        return d_SN.new_zeros(groups.num_experts, d_SN.shape[1]).index_add_(0, groups.expert_S, d_SN)
+    out = d_SN.new_zeros(len(counts), d_SN.shape[1])
     for e, s, t in _slices(counts):
         torch.sum(d_SN[s:t], 0, out=out[e])
     return out
@@ -372,7 +461,8 @@ class _GroupedMLP(torch.autograd.Function):
         # Weights arrive in their storage dtype and are cast to x's dtype here (per expert on CPU):
         # a cast copy saved for backward would duplicate fp32-stored frozen experts under autocast.
         dt = x_SD.dtype
-        if isinstance(counts, torch.Tensor):
+        if _device_counts(counts):
+            counts = _groups(counts, x_SD.shape[0])
             pres = [_gmm(x_SD, w1_EDF.to(dt), counts, _cast(b1_EF, dt))]
             u_SD = _gmm(activation(pres[0]), w2_EFD.to(dt), counts, _cast(b2_ED, dt))
         else:
@@ -392,7 +482,7 @@ class _GroupedMLP(torch.autograd.Function):
         counts, act, need = ctx.counts, ctx.activation, ctx.needs_input_grad
         dy_SD = dy_SD.to(ctx.dt).contiguous()
         dg = (dy_SD * u_SD).sum(1) if gates_S is not None and need[3] else None
-        if not isinstance(counts, torch.Tensor):
+        if not _device_counts(counts):
             dx, (dw1, db1, dw2, db2) = _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD)
             return dx, None, None, dg, dw1, db1, dw2, db2
         if gates_S is not None:
@@ -529,11 +619,12 @@ class LoRA:
 
 
 def _aligned_or_host(counts: Counts, x_SD: torch.Tensor, d_ffn: int) -> Counts:
-    """Device counts only where CUDA's grouped kernel takes the shapes: every row stride a multiple of
-    16 bytes (d_model and d_ffn multiples of 8 in bf16). Other shapes fall back to the per-expert
-    loop, at the price of one host sync (no real model has such widths)."""
-    if isinstance(counts, torch.Tensor) and x_SD.is_cuda and (x_SD.shape[1] % 8 or d_ffn % 8):
-        return counts.tolist()
+    """Device counts only where the grouped kernel takes the shapes (CUDA's and the CPU's): every row
+    stride a multiple of 16 bytes (d_model and d_ffn multiples of 8 in bf16, of 4 in fp32). Other
+    shapes fall back to the per-expert loop, at the price of one host sync (no real model has such
+    widths)."""
+    if _device_counts(counts) and (x_SD.shape[1] * x_SD.element_size() % 16 or d_ffn * x_SD.element_size() % 16):
+        return host_counts(counts)
     return counts
 
 
@@ -554,6 +645,12 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
     """
     dt = compute_dtype(x_SD, w1_EDF.dtype)
     x_SD = x_SD.to(dt)
+    if lora is not None and _device_counts(counts):
+        # device path: the adapters merged into per-expert weights (two bmm), which then get gradients
+        # from the grouped backward like trainable experts; no host count list
+        w1_EDF = w1_EDF.to(dt) + lora.scale * torch.bmm(lora.a1_EDR.to(dt), lora.b1_ERF.to(dt))
+        w2_EFD = w2_EFD.to(dt) + lora.scale * torch.bmm(lora.a2_EFR.to(dt), lora.b2_ERD.to(dt))
+        lora = None
     if lora is not None:
         w1_EDF, w2_EFD, b1_EF, b2_ED = (_cast(t, dt) for t in (w1_EDF, w2_EFD, b1_EF, b2_ED))
         return _lora_mlp(x_SD, host_counts(counts), w1_EDF, b1_EF, w2_EFD, b2_ED, lora, activation, dt)
@@ -571,7 +668,7 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
 
 def _padded_layout_if_faster(x_SD: torch.Tensor, counts: Counts, dt: torch.dtype, weights) -> PaddedLayout | None:
     """The padded path's layout where it wins: bf16 on CPU, frozen weights, rows within PADDED_MAX_WASTE."""
-    if dt != torch.bfloat16 or x_SD.device.type != "cpu" or isinstance(counts, torch.Tensor):
+    if dt != torch.bfloat16 or x_SD.device.type != "cpu" or _device_counts(counts):
         return None
     if any(w is not None and w.requires_grad for w in weights):
         return None

@@ -45,12 +45,14 @@ def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     return ((x_E - mean) ** 2).mean() / (mean ** 2 + 1e-10)
 
 
-def switch_loss(logits_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def switch_loss(logits_TE: torch.Tensor, counts_E: torch.Tensor, weight_T: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer balance ``E * sum_e f_e P_e``: f_e the share of routed slots, P_e the mean
-    router probability (softmax over all E logits, in fp32); 1 when balanced."""
+    router probability (softmax over all E logits, in fp32); 1 when balanced. With ``weight_T`` (1 for
+    counted tokens, 0 for PAD) both are taken over the counted tokens only (``counts_E``: theirs)."""
     E = logits_TE.shape[-1]
-    P_E = torch.softmax(logits_TE.float(), dim=-1).mean(0)
-    return E * (counts_E.float() / counts_E.sum() * P_E).sum()
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    P_E = probs_TE.mean(0) if weight_T is None else (weight_T @ probs_TE) / weight_T.sum().clamp_min(1.0)
+    return E * (counts_E.float() / counts_E.sum().clamp_min(1.0) * P_E).sum()
 
 
 def capacity_keep(idx_TK: torch.Tensor, num_experts: int, capacity_factor: float,

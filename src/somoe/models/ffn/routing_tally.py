@@ -7,7 +7,7 @@ import math
 import torch
 
 from ...analysis.usage import entropy_bits, gini
-from .some_rules import gate_entropy_TK
+from .some_rules import gate_entropy_sum
 
 
 class RoutingTally:
@@ -25,7 +25,17 @@ class RoutingTally:
         self._acc = None
 
     @torch.no_grad()
-    def add(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, dropped: torch.Tensor | None = None) -> None:
+    def add(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, dropped: torch.Tensor | None = None,
+            weight_T: torch.Tensor | None = None) -> None:
+        """Tally a forward: ``counts_E`` of its counted slots, ``weight_T`` 1 for counted tokens, 0 for
+        padding (None: all counted)."""
+        entropy = gate_entropy_sum(gates_TK.float(), weight_T)
+        self.add_sums(counts_E, entropy, gates_TK.shape[0] if weight_T is None else weight_T.sum(), dropped)
+
+    @torch.no_grad()
+    def add_sums(self, counts_E: torch.Tensor, entropy_sum: torch.Tensor, tokens: int | torch.Tensor,
+                 dropped: torch.Tensor | None = None) -> None:
+        """Tally precomputed sums (the SoME layer computes the gate entropy once for its statistics too)."""
         if self._acc is not None and self._acc["counts"].device != counts_E.device:
             # the layer moved (``model.to(...)``) since the last reset: the tallies follow it
             self._acc = {k: v.to(counts_E.device) for k, v in self._acc.items()}
@@ -37,11 +47,11 @@ class RoutingTally:
                          "dropped": torch.zeros((), dtype=torch.int64, device=dev),
                          "tokens": torch.zeros((), dtype=torch.int64, device=dev)}
         acc = self._acc
-        acc["counts"] += counts_E
-        acc["gate_entropy"] += gate_entropy_TK(gates_TK.float()).sum().to(acc["gate_entropy"].dtype)
+        acc["counts"] += counts_E.long() if counts_E.is_floating_point() else counts_E
+        acc["gate_entropy"] += entropy_sum  # in place: promoted to the accumulator's dtype
         if dropped is not None:
             acc["dropped"] += dropped
-        acc["tokens"] += gates_TK.shape[0]
+        acc["tokens"] += tokens.long() if isinstance(tokens, torch.Tensor) else tokens
 
     @property
     def tokens(self) -> int:

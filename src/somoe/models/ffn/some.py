@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig, SoMEConfig
-from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp
+from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .moe import switch_loss
@@ -60,6 +60,49 @@ def _from_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+class _CosineScores(torch.autograd.Function):
+    """``normalize(q) @ normalize(keys).T / tau`` and the unit queries, with a hand-written backward.
+
+    Autograd through ``F.normalize`` and the division issues ~17 ops for the query's gradient; here it
+    is one matmul and five elementwise ops: with ``g = ds @ (k_hat / tau)``, the gradient of the unit
+    query ``q / |q|`` is ``(g - q_hat (g . q_hat)) / |q|``. The keys get no gradient (they move by the
+    rules); a learnable ``tau`` (a tensor) gets ``-sum(ds * s) / tau``.
+    """
+
+    @staticmethod
+    def forward(ctx, q_TD, keys_ED, tau):
+        norm_T1 = torch.linalg.vector_norm(q_TD, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+        q_hat_TD = q_TD / norm_T1
+        k_scaled_ED = F.normalize(keys_ED, dim=-1).to(q_TD.dtype)
+        if isinstance(tau, torch.Tensor) or tau != 1.0:
+            k_scaled_ED = k_scaled_ED / tau  # the small E x D side takes 1/tau
+        scores_TE = q_hat_TD @ k_scaled_ED.t()
+        tau_tensor = isinstance(tau, torch.Tensor)
+        ctx.save_for_backward(q_hat_TD, norm_T1, k_scaled_ED, scores_TE if tau_tensor else None,
+                              tau if tau_tensor else None)
+        ctx.mark_non_differentiable(q_hat_TD)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the unit queries
+        return scores_TE, q_hat_TD
+
+    @staticmethod
+    def backward(ctx, d_scores_TE, _d_q_hat):
+        q_hat_TD, norm_T1, k_scaled_ED, scores_TE, tau = ctx.saved_tensors
+        dq = d_tau = None
+        if d_scores_TE is None:
+            return None, None, None
+        if ctx.needs_input_grad[0]:
+            g_TD = d_scores_TE @ k_scaled_ED
+            dq = (g_TD - q_hat_TD * (g_TD * q_hat_TD).sum(-1, keepdim=True)) / norm_T1
+        if tau is not None and ctx.needs_input_grad[2]:
+            d_tau = -(d_scores_TE * scores_TE).sum() / tau
+        return dq, None, d_tau
+
+
+def cosine_scores(q_TD: torch.Tensor, keys_ED: torch.Tensor, tau: torch.Tensor | float):
+    """(scores over tau, unit queries): :class:`_CosineScores`."""
+    return _CosineScores.apply(q_TD, keys_ED, tau)
 
 
 @dataclass
@@ -256,10 +299,9 @@ class SoMELayer(FFN):
             q_TD = q_TD - self.query_center.to(q_TD.dtype)
         keys_ED = self.routing_keys()
         if self.cfg.cosine_scores:
-            q_TD = F.normalize(q_TD, dim=-1)
-            scores_TE = q_TD @ F.normalize(keys_ED, dim=-1).t().to(q_TD.dtype)
-        else:
-            scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
+            scores_TE, q_TD = cosine_scores(q_TD, keys_ED, self.temperature())
+            return scores_TE, q_TD, q_raw_TD
+        scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
         return scores_TE / self.temperature(), q_TD, q_raw_TD
 
     def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,25 +325,38 @@ class SoMELayer(FFN):
         return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
                            lora=self._lora())
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``valid_BT`` (bool, optional): the positions that count. PAD positions (False) are computed
+        like any token (their outputs are never scored) but stay out of every statistic: the key rules'
+        accumulators, the usage tallies and readouts, and the aux loss."""
         x_TD = x_BTD.reshape(-1, self.d_model)
         scores_TE, q_TD, q_raw_TD = self._scores(x_TD)
         idx_TK, gates_TK = self._select(scores_TE)
-        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert, shared below
+        counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert: the dispatch's
         y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
         if self.out_scale is not None:
             y_TD = y_TD * self.out_scale.to(y_TD.dtype)
-        aux = self._aux_loss(scores_TE, counts_E) if self.training and self.cfg.aux_loss_coef > 0 else None
+        weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
+        # the statistics' slots per expert: the dispatch's counts, or only the real tokens' slots
+        counted_E = counts_E if weight_T is None else slot_counts(idx_TK, self.cfg.num_experts, weight_T)
+        aux = (self._aux_loss(scores_TE, counted_E, weight_T) if self.training and self.cfg.aux_loss_coef > 0
+               else None)
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
-            self._tally.add(counts_E, gates_TK)
-            if self._gathering():
-                self._accumulate(q_TD, q_raw_TD, idx_TK, gates_TK, counts_E)
+            with torch.no_grad():
+                gates32_TK = gates_TK.detach().float()
+                entropy = rules.gate_entropy_sum(gates32_TK, weight_T)  # once, for the tally and the rules
+                tokens = x_TD.shape[0] if weight_T is None else weight_T.sum()
+                self._tally.add_sums(counted_E, entropy, tokens)
+                if self._gathering():
+                    self._accumulate(q_TD, q_raw_TD, idx_TK, gates32_TK, counted_E, weight_T, entropy)
         return y_TD.view_as(x_BTD), aux
 
-    def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor,
+                  weight_T: torch.Tensor | None = None) -> torch.Tensor:
         """``coef`` times the Switch balance loss on the router's scores (:func:`moe.switch_loss`)."""
-        return self.cfg.aux_loss_coef * switch_loss(scores_TE, counts_E)
+        return self.cfg.aux_loss_coef * switch_loss(scores_TE, counts_E, weight_T)
 
     # --- statistics (section 3) ----------------------------------------------------------
     def _gathering(self) -> bool:
@@ -311,38 +366,49 @@ class SoMELayer(FFN):
 
     @torch.no_grad()
     def _accumulate(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
-                    gates_TK: torch.Tensor, counts_E: torch.Tensor | None = None) -> None:
-        """Add this batch to the step's statistics; ``counts_E``: the batch's slots per expert, if known."""
+                    gates_TK: torch.Tensor, counts_E: torch.Tensor | None = None,
+                    weight_T: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> None:
+        """Add this batch to the step's statistics. Optional, when the forward has them: ``counts_E``
+        the counted slots per expert, ``weight_T`` 1 for counted tokens and 0 for PAD, ``entropy`` the
+        counted tokens' summed gate entropy."""
         with torch.autocast(q_TD.device.type, enabled=False):  # fp32 sums even inside a bf16 forward
             self._accumulate_fp32(q_TD.detach().float(), q_raw_TD.detach().float(), idx_TK,
-                                  gates_TK.detach().float(), counts_E)
+                                  gates_TK.detach().float(), counts_E, weight_T, entropy)
 
     def _accumulate_fp32(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
-                         g_TK: torch.Tensor, counts_E: torch.Tensor | None) -> None:
+                         g_TK: torch.Tensor, counts_E: torch.Tensor | None, weight_T: torch.Tensor | None,
+                         entropy: torch.Tensor | None) -> None:
         if self.cfg.update_token_fraction < 1.0:
             rows = self._token_sample(q_TD.shape[0], q_TD.device)
             q_TD, q_raw_TD, idx_TK, g_TK = q_TD[rows], q_raw_TD[rows], idx_TK[rows], g_TK[rows]
-            counts_E = None  # the forward's counts cover every token, not this sample
+            weight_T = None if weight_T is None else weight_T[rows]
+            counts_E = entropy = None  # the forward's sums cover every token, not this sample
         T, K = idx_TK.shape
-        e_S = idx_TK.reshape(-1)
+        E, e_S = self.cfg.num_experts, idx_TK.reshape(-1)
+        if weight_T is not None:  # PAD tokens: zero gates, so they add nothing to any gate-weighted sum
+            g_TK = g_TK * weight_T.unsqueeze(1)
+        if counts_E is None:
+            counts_E = expert_counts(e_S, E) if weight_T is None else slot_counts(idx_TK, E, weight_T)
+        if entropy is None:  # PAD's zeroed gates have zero entropy
+            entropy = rules.gate_entropy_sum(g_TK)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
-        gates_TE = torch.zeros(T, self.cfg.num_experts, device=g_TK.device).scatter_(1, idx_TK, g_TK)
-        self.stat_q_sum += gates_TE.t() @ q_TD
+        gates_TE = g_TK.new_zeros(T, E).scatter_(1, idx_TK, g_TK)
+        self.stat_q_sum.addmm_(gates_TE.t(), q_TD)
         self.stat_gate += gates_TE.sum(0)
-        self.stat_count += (expert_counts(e_S, self.cfg.num_experts) if counts_E is None else counts_E).float()
+        self.stat_count += counts_E  # in place: an int64 count promotes into the fp32 accumulator
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
             # w[t, j, j'] = g[t, j'] for j' != j: the gate of every co-selected expert, without subtraction
             w_TKK = g_TK.unsqueeze(1) * (1.0 - torch.eye(K, device=g_TK.device))
             keys_TKD = self.key_store[idx_TK].float()
             self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
-        self.stat_q_total += q_TD.sum(0)
+        self.stat_q_total += q_TD.sum(0) if weight_T is None else weight_T @ q_TD
         if self.cfg.decay and self.cfg.decay_target == "sample":
-            self._draw_query_samples(q_TD)
+            self._draw_query_samples(q_TD, weight_T)
         if self.cfg.center_queries:
-            self.stat_q_raw_total += q_raw_TD.sum(0)
-        self.stat_tokens += T
-        self.stat_gate_entropy += rules.gate_entropy_TK(g_TK).sum()
+            self.stat_q_raw_total += q_raw_TD.sum(0) if weight_T is None else weight_T @ q_raw_TD
+        self.stat_tokens += T if weight_T is None else weight_T.sum()
+        self.stat_gate_entropy += entropy
 
     # Host RNG and host counters run eagerly under torch.compile: traced, the generator is a graph
     # break and the counters would be guards that recompile at every update.
@@ -353,19 +419,28 @@ class SoMELayer(FFN):
         return _from_host(torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values, device)
 
     @torch.compiler.disable
-    def _draw_query_samples(self, q_TD: torch.Tensor) -> None:
+    def _draw_query_samples(self, q_TD: torch.Tensor, weight_T: torch.Tensor | None = None) -> None:
         """One random query per expert (``decay_target=sample``), summed over micro-batches and ranks.
 
-        The rows come from a generator seeded by (seed, layer, update count, draw), so a resumed
-        run draws the same rows as an uninterrupted one; ranks draw the same row numbers of
-        their own batches, and the all-reduced mean is a mean of real queries. The counts are
-        the host copies of ``som_updates`` and ``stat_sample_draws``.
+        The draws come from a generator seeded by (seed, layer, update count, draw), so a resumed
+        run draws the same rows as an uninterrupted one; ranks draw the same ranks of their own
+        batches, and the all-reduced mean is a mean of real queries. The counts are the host
+        copies of ``som_updates`` and ``stat_sample_draws``. Each draw is a uniform ``u`` in [0, 1):
+        expert ``e`` takes the ``floor(u_e * n)``-th of the ``n`` counted tokens, located on the
+        device when PAD tokens are masked (no host read of ``n``), so a padded batch draws the same
+        queries as its real tokens alone.
         """
         seed = (self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET
                 + 7919 * self._updates_so_far() + self._draws_on_host)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        rows_E = torch.randint(0, q_TD.shape[0], (self.cfg.num_experts,), generator=gen, device="cpu")
-        self.stat_q_samples += q_TD[_from_host(rows_E, q_TD.device)]
+        u_E = _from_host(torch.rand(self.cfg.num_experts, generator=gen, device="cpu", dtype=torch.float64),
+                         q_TD.device)
+        if weight_T is None:
+            rows_E = (u_E * q_TD.shape[0]).long()
+        else:  # the r-th counted token: the first row whose running count of counted tokens exceeds r
+            rank_E = (u_E * weight_T.sum()).floor()
+            rows_E = torch.searchsorted(weight_T.double().cumsum(0), rank_E, right=True).clamp_max(q_TD.shape[0] - 1)
+        self.stat_q_samples += q_TD[rows_E]
         self.stat_sample_draws += 1
         self._draws_on_host += 1
 

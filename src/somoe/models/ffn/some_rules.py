@@ -144,4 +144,11 @@ def clip_rows(delta_ED: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def gate_entropy_TK(gates_TK: torch.Tensor) -> torch.Tensor:
     """Per-token entropy in nats of the kept gates (0 log 0 = 0)."""
-    return -(gates_TK * gates_TK.clamp_min(1e-30).log()).sum(-1)
+    return torch.special.entr(gates_TK).sum(-1)
+
+
+def gate_entropy_sum(gates_TK: torch.Tensor, weight_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed entropy (nats) of the tokens' kept gates, each token weighted by ``weight_T`` (1: every token).
+    Two ops: ``entr`` and one reduction (three with weights)."""
+    entr_TK = torch.special.entr(gates_TK)
+    return entr_TK.sum() if weight_T is None else (entr_TK.sum(-1) * weight_T).sum()
