@@ -1,0 +1,24 @@
+"""Session fixtures of the Hugging Face tests: one trained run per kind (see ``hf_helpers``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import TINY
+from hf_helpers import KINDS, push_weights
+from somoe.config import load_config
+from somoe.train.trainer import Trainer
+
+
+@pytest.fixture(scope="session")
+def hf_runs(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("hf-runs")
+    runs = {}
+    for name, (overrides, _) in KINDS.items():
+        cfg = load_config(preset="debug", overrides=TINY + [f"data.cache_dir={data_cache}", "train.max_steps=2",
+                                                             "train.eval_every=2", "model.init_std=0.1",
+                                                             "model.max_seq_len=64", *overrides])
+        Trainer(cfg, root / name, progress=False, log=lambda m: None).fit()
+        push_weights(root / name)
+        runs[name] = root / name
+    return runs
