@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def _load(args) -> "RunConfig":  # noqa: F821
 
 
 def _run_dir(args, cfg) -> Path:
-    return Path(args.out) if args.out else Path("runs") / cfg.name
+    run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder; choose another --out")
+    return run_dir
 
 
 def cmd_presets(args) -> int:
@@ -75,6 +79,8 @@ def cmd_train(args) -> int:
         trainer.fit()
         if trainer.dist.is_main:
             print(write_report(run_dir), end="")
+        if trainer.stop_signal is not None:  # saved and stopped: the shell's code for death by that signal
+            return 128 + signal.Signals[trainer.stop_signal].value
     finally:
         # drop the DDP wrapper (it holds the process group) before leaving the group: a gloo
         # group torn down by the interpreter at exit can abort the process
@@ -101,9 +107,9 @@ def cmd_generate(args) -> int:
     from .generate import GenerationConfig, generate_text, interactive
     from .runs import load_run
 
-    run = load_run(args.run, device=args.device, which=args.checkpoint)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+                           top_p=args.top_p, greedy=args.greedy, seed=args.seed)  # bad settings fail before loading
+    run = load_run(args.run, device=args.device, which=args.checkpoint)
     if args.interactive:
         interactive(run.model, run.tokenizer, gen)
         return 0
@@ -198,12 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .train.checkpoint import CheckpointError
+    from .train.nonfinite import TrainingDiverged
 
     try:
         return args.func(args)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

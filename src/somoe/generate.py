@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .models.layers import KVCache
 
 
@@ -28,6 +29,11 @@ class GenerationConfig:
     greedy: bool = False  # argmax instead of sampling (ignores temperature/top_k/top_p)
     seed: int | None = None  # seed of the sampling generator; None = fresh randomness each call
     stop_at_eos: bool = True  # stop a row at EOS (EOS itself is not returned)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "temperature"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
 
 
 class Tokenizer(Protocol):

@@ -14,13 +14,12 @@ from typing import Any
 
 import yaml
 
+from .train.metrics_file import read_jsonl
+
 
 def read_records(run_dir: Path) -> list[dict]:
     """Every record of ``metrics.jsonl`` (train, eval, final ...), in order; [] without the file."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")  # a torn last line (a killed write) is skipped, with a warning
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 from .config import ConfigError, RunConfig
 from .data import BPETokenizer, TokenStream, encode_stories_for_eval, prepare_data, read_story_file
 from .models import LM, build_model
-from .train.checkpoint import (CheckpointError, check_checkpoint, list_checkpoints, load_config_from, load_model_state,
-                               read_trainer_state)
+from .train.checkpoint import (CheckpointError, check_checkpoint, check_tokenizer, list_checkpoints, load_config_from,
+                               load_model_state, read_best, read_trainer_state)
 from .train.runtime import DEVICE_FLAG, resolve_device, setup_backends
 
 
@@ -31,8 +31,8 @@ def resolve_checkpoint(path: str | Path, which: str = "last") -> Path:
     if not checkpoints:
         raise CheckpointError(f"{path} has no checkpoints; train first (somoe train --out {path})")
     if which == "best":
-        best = None
-        for ckpt in checkpoints:
+        best = read_best(path)
+        for ckpt in checkpoints if best is None else ():  # runs from before checkpoints/best.json
             best = read_trainer_state(ckpt).get("best_step", best)
         match = [c for c in checkpoints if best is not None and c.name == f"step-{best:08d}"]
         if match:
@@ -49,6 +49,7 @@ def load_run(path: str | Path, device: str = "auto", which: str = "last") -> Loa
         tok_file = ckpt.parent.parent / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"no tokenizer.json next to {ckpt}; copy the run's tokenizer.json there")
+    check_tokenizer(ckpt, tok_file)
     dev = resolve_device(device, setting=DEVICE_FLAG)
     setup_backends(dev)  # eval, generate and the analyses run with training's allocator and matmul settings
     model = build_model(cfg.model, dev)

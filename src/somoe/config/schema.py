@@ -16,6 +16,9 @@ from .some import SoMEConfig
 from .transition import TransitionConfig
 
 
+MAX_TENSOR_ELEMENTS = 10**12  # 4 TB in fp32: past any single device, far below int64 overflow
+
+
 @dataclass
 class ModelConfig:
     backbone: Literal["gpt2", "smollm"] = "gpt2"  # gpt2: LayerNorm+GELU+biases; smollm: RMSNorm+SwiGLU, no biases
@@ -69,6 +72,20 @@ class ModelConfig:
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        self._check_tensor_sizes()
+
+    def _check_tensor_sizes(self) -> None:
+        """Refuse a shape whose largest weight no machine can hold, before anything allocates
+        (PyTorch would fail deep inside with a storage-size overflow)."""
+        sizes = {"vocab_size": self.vocab_size * self.d_model, "d_ffn": self.ffn_hidden * self.d_model}
+        if self.ffn == "some":
+            sizes["some.d_ffn"] = self.some.num_experts * self.some.d_ffn * self.d_model
+        if self.ffn == "moe":
+            sizes["moe.num_experts"] = self.moe.num_experts * self.ffn_hidden * self.d_model
+        key, largest = max(sizes.items(), key=lambda kv: kv[1])
+        if largest > MAX_TENSOR_ELEMENTS:
+            raise ConfigError(f"model.d_model={self.d_model} with model.{key} gives a {largest:.2g}-element weight "
+                              f"(limit {MAX_TENSOR_ELEMENTS:.0e}); use a smaller model")
 
 
 @dataclass
@@ -123,7 +140,8 @@ class TrainConfig:
     eval_batch_size: int = 0  # 0 = batch_size
     log_every: int = 10
     ckpt_every: int = 0  # optimizer steps between checkpoints; 0 = at evals and at the end
-    keep_last: int = 2  # checkpoints kept on disk (the best one is kept as well)
+    keep_last: int = 2  # checkpoints kept on disk (the best one is kept as well); 0 = keep all
+    max_bad_steps: int = 5  # steps skipped for a non-finite loss or gradient norm before training stops with an error
     sample_every_eval: bool = False  # print a greedy sample at each eval
     num_threads: int = 0  # torch CPU threads; 0 = torch default
 
@@ -138,6 +156,16 @@ class TrainConfig:
             raise ConfigError(f"train.lr={self.lr} must be positive")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set train.max_steps or train.epochs to a positive value")
+        for name, meaning in (("keep_last", "0 keeps all"), ("ckpt_every", "0 saves at evals and at the end"),
+                              ("eval_every", "0 evaluates only at the end"), ("max_bad_steps", "0 stops at the first"),
+                              ("eval_batches", "0 = the whole validation set"),
+                              ("eval_batch_size", "0 = train.batch_size"), ("max_steps", "0 = from epochs"),
+                              ("warmup_steps", "-1 = 3% of the steps")):
+            floor = -1 if name == "warmup_steps" else 0
+            if getattr(self, name) < floor:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= {floor} ({meaning})")
+        if self.log_every <= 0:
+            raise ConfigError(f"train.log_every={self.log_every} must be positive (steps between train records)")
 
 
 @dataclass

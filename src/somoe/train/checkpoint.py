@@ -15,6 +15,7 @@ kill mid-write leaves the previous checkpoint loadable.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -58,20 +59,43 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     trainer_state: dict[str, Any], cfg: RunConfig, keep_last: int = 0,
                     protect: tuple[int, ...] = ()) -> Path:
-    """Write ``step-XXXXXXXX`` atomically and prune old ones (keeping ``protect``ed steps)."""
+    """Write ``step-XXXXXXXX`` atomically and prune old ones (keeping ``protect``ed steps and the best).
+
+    Refuses non-finite weights. A failed write (a full disk) removes its temporary folder, keeps
+    every earlier checkpoint, and raises one CheckpointError naming the folder and the space needed.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f"step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _refuse_non_finite(model_state, step)
+    tensors, groups = _optimizer_tensors(optimizer) if optimizer is not None else ({}, None)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, run_dir, model_state, tensors, groups, trainer_state, cfg)
+    except (SafetensorError, OSError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(t.numel() * t.element_size() for t in [*model_state.values(), *tensors.values()])
+        raise CheckpointError(f"could not write checkpoint {final.name} in {root} ({_first_line(err)}): "
+                              f"{_free_space_note(root, need)}; the previous checkpoints are intact, "
+                              f"free space and rerun with --resume auto") from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_last > 0:
+        prune_checkpoints(root, keep_last, protect)
+    return final
+
+
+def _write_files(tmp: Path, run_dir: Path, model_state: dict[str, torch.Tensor], optimizer_tensors: dict,
+                 optimizer_groups: list[dict] | None, trainer_state: dict[str, Any], cfg: RunConfig) -> None:
+    tmp.mkdir()
     save_file(_dedupe_shared(model_state), str(tmp / "model.safetensors"))
     state = dict(trainer_state)
-    if optimizer is not None:
-        tensors, groups = _optimizer_tensors(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state["optimizer_param_groups"] = groups
+    if optimizer_groups is not None:
+        save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
+        state["optimizer_param_groups"] = optimizer_groups
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -84,12 +108,52 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
     for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if keep_last > 0:
-        prune_checkpoints(root, keep_last, protect)
-    return final
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:120]
+
+
+def _free_space_note(folder: Path, need_bytes: int) -> str:
+    free = shutil.disk_usage(folder).free
+    return f"a checkpoint needs about {need_bytes / 2**20:.1f} MiB there, {free / 2**20:.1f} MiB are free"
+
+
+def _refuse_non_finite(model_state: dict[str, torch.Tensor], step: int) -> None:
+    for name, tensor in model_state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"refusing to write checkpoint step-{step:08d}: model weight {name} is not finite; "
+                                  f"the earlier checkpoints (and the best) are kept; lower train.lr")
+
+
+def refresh_trainer_state(path: Path, trainer_state: dict[str, Any]) -> None:
+    """Rewrite a checkpoint's ``trainer_state.json`` in place (an eval after the save moved the best), atomically."""
+    path = Path(path)
+    state = {**read_trainer_state(path), **trainer_state}
+    tmp = path / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path / "trainer_state.json")
+
+
+BEST_FILE = "best.json"  # checkpoints/best.json names the checkpoint with the lowest validation loss
+
+
+def write_best(run_dir: Path, step: int, val_loss: float) -> None:
+    root = Path(run_dir) / "checkpoints"
+    tmp = root / (BEST_FILE + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "checkpoint": f"step-{step:08d}", "val_loss": val_loss}) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, root / BEST_FILE)
+
+
+def read_best(run_dir: Path) -> int | None:
+    """The step of the run's best checkpoint per ``checkpoints/best.json``; None without one."""
+    try:
+        return int(json.loads((Path(run_dir) / "checkpoints" / BEST_FILE).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +175,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(root: Path, keep_last: int, protect: tuple[int, ...] = ()) -> None:
+    """Keep the newest ``keep_last`` checkpoints, the ``protect``ed steps and the one best.json names."""
     steps = sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
+    protect = (*protect, read_best(root.parent))
     for path in steps[:-keep_last]:
         if int(STEP_DIR.match(path.name).group(1)) not in protect:
             shutil.rmtree(path, ignore_errors=True)
@@ -182,11 +248,31 @@ def load_config_from(path: Path) -> RunConfig:
 
 def load_model_state(path: Path, model: torch.nn.Module) -> None:
     state = _read_safetensors(Path(path) / "model.safetensors")
+    mismatch = _architecture_mismatch(state, model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path} does not match the model ({mismatch}); "
+                              f"build the model from the checkpoint's config.yaml")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not match the model: {first[:200]}") from None
+
+
+def _architecture_mismatch(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], show: int = 3) -> str:
+    """Which keys and shapes differ between a checkpoint and a model, in a few words ('' if none)."""
+    def listed(names: list[str]) -> str:
+        more = f" (+{len(names) - show} more)" if len(names) > show else ""
+        return ", ".join(names[:show]) + more
+
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(set(saved) & set(expected))
+              if saved[k].shape != expected[k].shape]
+    parts = [f"{label}: {listed(names)}" for label, names in
+             (("missing from the checkpoint", missing), ("not in the model", unexpected),
+              ("shape checkpoint vs model", shapes)) if names]
+    return "; ".join(parts)
 
 
 def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -204,3 +290,21 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> 
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     return state
+
+
+def tokenizer_digest(path: Path) -> str:
+    """sha256 of a tokenizer.json's canonical JSON (vocabulary, merges, specials; not its whitespace)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_tokenizer(checkpoint: Path, tokenizer_file: Path) -> None:
+    """Raise CheckpointError if ``tokenizer_file`` is not the tokenizer ``checkpoint`` was trained with
+    (a checkpoint from before the digest was stored is taken on trust)."""
+    expected = read_trainer_state(checkpoint).get("tokenizer_sha256")
+    if expected is None:
+        return
+    found = tokenizer_digest(tokenizer_file)
+    if found != expected:
+        raise CheckpointError(f"tokenizer {tokenizer_file} (sha256 {found[:12]}) is not the one {Path(checkpoint).name} "
+                              f"was trained with (sha256 {expected[:12]}); use the run's own tokenizer.json")

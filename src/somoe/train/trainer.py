@@ -14,6 +14,7 @@ import contextlib
 import json
 import signal
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,14 @@ from ..data import TrainBatches, eval_batches, prepare_data
 from ..eval import evaluate
 from ..models import IGNORE_INDEX, build_model
 from .callbacks import Callback, CheckpointCallback, MetricsLogger, SelfOrganizeCallback
-from .checkpoint import find_resumable, list_checkpoints, load_model_state, load_training_state
-from .dist import DistInfo, all_reduce_scalar, barrier, init_distributed
+from .checkpoint import (check_tokenizer, find_resumable, list_checkpoints, load_config_from, load_model_state,
+                         load_training_state, tokenizer_digest)
+from .config_changes import record_config_changes
+from .dist import DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, init_distributed
+from .metrics_file import read_jsonl
+from .nonfinite import TrainingDiverged, finite_step, optimizer_step_if
 from .optim import build_optimizer, lr_at, set_lr
+from .run_lock import acquire_run_lock, release_run_lock
 from .runtime import autocast_factory, compile_model, resolve_device, resolve_precision, setup_backends
 
 
@@ -46,6 +52,9 @@ class Trainer:
         self.autocast = autocast_factory(self.precision, self.device)
         self._check_batch_split()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per run folder; released at the end of fit(), or when a Trainer is dropped without it
+        self._unlock = weakref.finalize(self, release_run_lock,
+                                        acquire_run_lock(self.run_dir) if self.dist.is_main else None)
         resume_from = self._resume_point(resume)
 
         # rank 0 prepares (tokenizer, caches); the others then read what it wrote
@@ -56,6 +65,9 @@ class Trainer:
             self.data = prepare_data(cfg, self.run_dir, log=lambda *_: None)
         if self.data.tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"tokenizer has {self.data.tokenizer.vocab_size} tokens > model.vocab_size")
+        self.tokenizer_sha256 = tokenizer_digest(self.data.tokenizer_path)
+        if resume_from is not None:
+            check_tokenizer(resume_from, self.data.tokenizer_path)
         self.batches = TrainBatches(self.data.train, cfg.data.mode, cfg.data.seq_len, cfg.train.seed,
                                     self.data.tokenizer.pad_id, self.data.tokenizer.eos_id)
         self.total_steps = cfg.train.max_steps or max(
@@ -68,6 +80,12 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.step, self.tokens_seen, self.best_val, self.best_step, self.elapsed = 0, 0, float("inf"), -1, 0.0
+        # steps skipped for a non-finite loss or gradient norm: counted on the device, read at log/eval/save points
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_steps_seen = 0
+        self.step_ok: torch.Tensor | None = None  # this step's flag, for the pre-optimizer-step hooks
+        self.stop_reason: str | None = None  # None: finished; "signal", "diverged" or "error"
+        self.resumed_from = resume_from
         if resume_from is not None:
             load_model_state(resume_from, self.model)
             self.load_state_dict(load_training_state(resume_from, self.optimizer))
@@ -80,6 +98,8 @@ class Trainer:
         self._stop_signal: str | None = None
         self.extra_final_metrics: dict[str, float] = {}  # callbacks' end-of-run figures, in metrics.jsonl
         if self.dist.is_main:
+            if resume_from is not None:
+                record_config_changes(self.run_dir, load_config_from(resume_from), cfg, self.step, self.log)
             save_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "params.json").write_text(json.dumps(self.model.param_counts()), encoding="utf-8")
 
@@ -125,12 +145,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val": self.best_val,
                 "best_step": self.best_step, "elapsed": self.elapsed, "total_steps": self.total_steps,
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "bad_steps": self.bad_steps_seen,
+                "tokenizer_sha256": self.tokenizer_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val, self.best_step = state["best_val"], state.get("best_step", -1)
         self.elapsed = state.get("elapsed", 0.0)
+        self.bad_steps_seen = state.get("bad_steps", 0)
+        self._bad_steps.fill_(self.bad_steps_seen)
 
     # --- the loop ------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -153,6 +176,7 @@ class Trainer:
         # DDP averages gradients over ranks, so scale each rank's summed loss by world/global count
         scale = self.dist.world_size / max(global_targets, 1.0)
         loss_sum, aux_sum = 0.0, 0.0
+        step_loss = torch.zeros((), device=self.device)  # the non-finite check's copy, kept on the device
         for m, (x, y) in enumerate(micro):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = m == len(micro) - 1 or not self.dist.enabled
@@ -166,13 +190,24 @@ class Trainer:
                     loss = loss + out.aux_loss / len(micro)
                     aux_sum += out.aux_loss.item() / len(micro)
                 self.scaler.scale(loss).backward()
+            step_loss += loss.detach().float()
             loss_sum += out.ce_loss.item() * n
-        for cb in self.callbacks:
-            cb.pre_optim_step(self)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf"))
-        self.scaler.step(self.optimizer)
+        # fp16: inf gradients are the GradScaler's business (it skips the step and lowers the scale)
+        self.step_ok = finite_step(step_loss, None if self.scaler.is_enabled() else grad_norm)
+        if self.dist.enabled:  # one rank's bad loss skips the step on all of them (a collective, no host read)
+            bad = (~self.step_ok).to(torch.float32)
+            all_reduce_sum_([bad])
+            self.step_ok = bad == 0
+        self._bad_steps += ~self.step_ok
+        for cb in self.callbacks:
+            cb.pre_optim_step(self)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+        else:
+            optimizer_step_if(self.optimizer, self.step_ok)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         loss_global = all_reduce_scalar(loss_sum, self.device) / max(global_targets, 1.0)
@@ -188,10 +223,27 @@ class Trainer:
             metrics["aux_loss"] = aux_sum
         return metrics
 
+    def check_bad_steps(self) -> None:
+        """Read the device's bad-step count (a host sync: called where the loop logs, evaluates or saves);
+        warn about new ones and raise TrainingDiverged past ``train.max_bad_steps``."""
+        count = int(self._bad_steps)
+        if count == self.bad_steps_seen:
+            return
+        self.log(f"warning: {count - self.bad_steps_seen} step(s) up to step {self.step} had a non-finite loss or "
+                 f"gradient norm and were skipped ({count} in all, train.max_bad_steps={self.cfg.train.max_bad_steps})")
+        self.bad_steps_seen = count
+        if count > self.cfg.train.max_bad_steps:
+            best = (f"the best checkpoint (step {self.best_step}, val loss {self.best_val:.4f}) is kept"
+                    if self.best_step >= 0 else "no checkpoint was written after the divergence")
+            raise TrainingDiverged(f"training diverged: {count} steps had a non-finite loss or gradient norm "
+                                   f"(train.max_bad_steps={self.cfg.train.max_bad_steps}) by step {self.step}; {best}; "
+                                   f"lower train.lr or keep train.grad_clip on")
+
     def run_eval(self) -> dict[str, Any]:
         t = self.cfg.train
-        # the eval batch does not depend on the number of processes, so every world size sees the same windows
-        batch = t.eval_batch_size or t.batch_size // t.grad_accum
+        # the eval set depends neither on the number of processes nor on grad_accum: every run of a
+        # config is scored on the same windows
+        batch = t.eval_batch_size or t.batch_size
         windows = eval_batches(self.data.val, self.cfg.data.seq_len, batch, t.eval_batches,
                                pad_id=self.data.tokenizer.pad_id)
         result = evaluate(self.model, windows, self.data.tokenizer.token_byte_lengths(), self.device,
@@ -225,17 +277,30 @@ class Trainer:
         try:
             while self.step < self.total_steps and self._stop_signal is None:
                 metrics = self.train_step()
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    self.check_bad_steps()  # checkpoint saves check too
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
                 out_of_time = t.max_minutes > 0 and time.perf_counter() - start > 60 * t.max_minutes
                 if self.step == self.total_steps or out_of_time:
                     break
                 if t.eval_every > 0 and self.step % t.eval_every == 0:
+                    self.check_bad_steps()
                     last_eval = self.run_eval()
-            if self._stop_signal is None:
-                last_eval = self.run_eval()
-            else:
+            self.check_bad_steps()
+            if self._stop_signal is not None:
+                self.stop_reason = "signal"
                 self.log(f"{self._stop_signal} received: saving a checkpoint at step {self.step} and stopping")
+            elif self._final_eval_done():
+                self.log(f"run already finished at step {self.step}: nothing to do")
+            else:
+                last_eval = self.run_eval()
+        except TrainingDiverged:
+            self.stop_reason = "diverged"
+            raise
+        except BaseException:
+            self.stop_reason = "error"
+            raise
         finally:
             for cb in self.callbacks:
                 cb.on_train_end(self, interrupted=self._stop_signal is not None)
@@ -244,4 +309,16 @@ class Trainer:
                     fh.write(json.dumps({"kind": "final", "step": self.step, **self.extra_final_metrics}) + "\n")
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self._unlock()
         return last_eval
+
+    @property
+    def stop_signal(self) -> str | None:
+        """SIGINT/SIGTERM when a signal stopped the run (after its checkpoint), else None."""
+        return self._stop_signal
+
+    def _final_eval_done(self) -> bool:
+        """A resumed run that had already finished has its eval at this step in metrics.jsonl."""
+        records = read_jsonl(self.run_dir / "metrics.jsonl", log=self.log) if self.dist.is_main else []
+        done = any(r.get("kind") == "eval" and r.get("step") == self.step for r in records)
+        return all_reduce_scalar(float(done), self.device) > 0  # rank 0 decides for all

@@ -8,16 +8,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..metrics_file import read_jsonl
 from .base import Callback
 
 
-def truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop records past ``after_step`` (a resumed run rewrites them, no duplicates)."""
+def truncate_metrics(path: Path, after_step: int, log=print) -> None:
+    """Drop records past ``after_step`` (a resumed run rewrites them, no duplicates) and a torn last line."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = [record for record in read_jsonl(path, log=log) if record.get("step", 0) <= after_step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
 
 class MetricsLogger(Callback):
@@ -30,7 +30,7 @@ class MetricsLogger(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.dist.is_main:
             return
-        truncate_metrics(self.path, trainer.step)
+        truncate_metrics(self.path, trainer.step, log=trainer.log)
         try:  # TensorBoard is optional
             from torch.utils.tensorboard import SummaryWriter
 

@@ -13,7 +13,16 @@ import torch
 import torch.distributed as dist
 
 from ..dist import all_reduce_sum_
+from ..nonfinite import restored_unless
 from .base import Callback
+
+
+def _self_organized_state(layer) -> list[torch.Tensor]:
+    """The buffers the rules move (keys, usage, EMAs, streaks, a buffer temperature). Frozen experts and
+    the per-step statistics are left out (the update clears the statistics in any case), and so is the
+    update counter, which the layer mirrors on the host."""
+    return [b for name, b in layer.named_buffers()
+            if not name.startswith(("expert_", "stat_")) and name != "som_updates"]
 
 
 class SelfOrganizeCallback(Callback):
@@ -23,7 +32,10 @@ class SelfOrganizeCallback(Callback):
             return
         all_reduce_sum_([t for layer in layers for t in layer.som_statistics()])
         for layer in layers:
-            layer.self_organize(trainer.step, trainer.total_steps)
+            # a step skipped for a non-finite loss leaves the keys as they were: its statistics came
+            # from that forward (decided on the device, like the optimizer's skip)
+            with restored_unless(trainer.step_ok, _self_organized_state(layer)):
+                layer.self_organize(trainer.step, trainer.total_steps)
 
     def on_train_end(self, trainer, interrupted: bool) -> None:
         layers = trainer.model.self_organizing_layers()
