@@ -175,17 +175,22 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     """
     dt = compute_dtype or x_TD.dtype
     if grouped is None:
-        grouped = _STATIC or torch.compiler.is_compiling() or grouped_mm_available(x_TD.device, dt)
-    if grouped:  # traced whole by torch.compile: no host value, fixed shapes
-        return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True, counts_E)
-    return _dispatch_host(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, counts_E)
+        grouped = _STATIC or grouped_mm_available(x_TD.device, dt)
+    if torch.compiler.is_compiling():
+        # traced whole (no host value, fixed shapes) where the grouped matmul traces: bf16 compute
+        if dt == torch.bfloat16 and _grouped_mm is not None:
+            return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True, counts_E)
+        return _dispatch_eager(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
+    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
 
 @torch.compiler.disable
-def _dispatch_host(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, counts_E) -> torch.Tensor:
-    """The host-count path runs eagerly: traced, host counts would become guards (``counts[2] == 65``)
-    and recompile the graph every step (``torch.compile`` takes the device path instead)."""
-    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, False, counts_E)
+def _dispatch_eager(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool,
+                    counts_E) -> torch.Tensor:
+    """Other compute dtypes run eagerly under ``torch.compile`` (a graph break): host counts, traced,
+    would become guards (``counts[2] == 65``) and recompile every step, and the grouped matmul's
+    fake-tensor rule accepts bf16 only (torch 2.13)."""
+    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
 
 def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool,

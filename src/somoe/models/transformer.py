@@ -60,9 +60,12 @@ class Block(nn.Module):
         self.norm2 = build_norm(cfg.backbone, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.ffn: FFN = build_ffn(cfg, layer_idx)
 
-    def forward(self, x_BTD: torch.Tensor, rope=None, cache: KVCache | None = None):
+    def forward(self, x_BTD: torch.Tensor, rope=None, cache: KVCache | None = None,
+                valid_BT: torch.Tensor | None = None):
+        """``valid_BT``: the positions routing statistics may count (None: all), passed to the FFN."""
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), rope, cache)
-        y_BTD, aux = self.ffn(self.norm2(x_BTD))
+        h_BTD = self.norm2(x_BTD)
+        y_BTD, aux = self.ffn(h_BTD) if valid_BT is None else self.ffn(h_BTD, valid_BT)
         return x_BTD + y_BTD, aux
 
 
@@ -130,12 +133,15 @@ class LM(nn.Module):
             x = x + self.pos_table[pos_BT].to(x.dtype)
         rope = self.rotary(pos_BT) if self.rotary is not None else None
         x = self.drop(x)
+        # PAD positions (targets IGNORE_INDEX) are computed but feed no routing statistic, tally or aux loss
+        valid_BT = None if targets_BT is None else targets_BT != IGNORE_INDEX
         aux_total = None
         for block in self.blocks:
             if self.activation_checkpointing and self.training and cache is None:
-                x, aux = checkpoint(block, x, rope, use_reentrant=False, context_fn=_no_recompute_context)
+                x, aux = checkpoint(block, x, rope, None, valid_BT, use_reentrant=False,
+                                    context_fn=_no_recompute_context)
             else:
-                x, aux = block(x, rope, cache)
+                x, aux = block(x, rope, cache, valid_BT)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:

@@ -1,7 +1,9 @@
 """What every FFN variant provides, and how the trainer talks to stateful ones.
 
 An FFN maps ``x_BTD -> (y_BTD, aux_loss)`` where ``aux_loss`` is a scalar
-tensor to add to the LM loss, or ``None``. Beyond that, an FFN may:
+tensor to add to the LM loss, or ``None``. A routed FFN also takes ``valid_BT``
+(bool, optional): PAD positions (False) stay out of its statistics, tallies and
+aux loss. Beyond that, an FFN may:
 
 * report **readouts** (usage Gini, entropy, ...) accumulated over the forwards
   since the last ``reset_readouts()``; the evaluator resets before an eval and
@@ -46,7 +48,8 @@ def recomputing() -> Iterator[None]:
 class FFN(nn.Module):
     """Base class: subclasses implement ``forward`` and optionally the hooks."""
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
         raise NotImplementedError
 
     def reset_readouts(self) -> None:

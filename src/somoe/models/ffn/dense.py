@@ -30,8 +30,8 @@ class DenseFFN(FFN):
         self.act = None if self.swiglu else activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if self.swiglu:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        if self.swiglu:  # valid_BT: no statistics here, every position is computed alike
             h = F.silu(self.fc_gate(x_BTD)) * self.fc_in(x_BTD)
         else:
             h = self.act(self.fc_in(x_BTD))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig
-from ..dispatch import Counts, compute_dtype, dispatch, expert_counts, grouped_mlp, grouped_swiglu
+from ..dispatch import Counts, compute_dtype, dispatch, expert_counts, grouped_mlp, grouped_swiglu, slot_counts
 from .base import FFN, in_recompute
 from .dense import activation_fn
 from .registry import register_ffn
@@ -157,7 +157,10 @@ class MoELayer(FFN):
         return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
                            activation=self.act)
 
-    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``valid_BT`` (bool, optional): PAD positions (False) are computed but stay out of the aux loss
+        and the readouts (capacity, a routing semantic, still counts every token)."""
         x_TD = x_BTD.reshape(-1, self.d_model)
         logits_TE, clean_TE, std_TE = self._logits(x_TD)
         idx_TK, gates_TK = self._select(logits_TE)
@@ -166,15 +169,21 @@ class MoELayer(FFN):
         combine_TK = gates_TK if keep_TK is None else gates_TK * keep_TK
         y_TD = dispatch(x_TD, idx_TK, combine_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
+        weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
+        counted_E = counts_E if weight_T is None else slot_counts(idx_TK, self.cfg.num_experts, weight_T)
         aux = None
         if self.training and self.cfg.aux_loss != "none" and self.cfg.aux_loss_coef > 0:
-            aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counts_E)
+            aux = self.aux_loss(logits_TE, clean_TE, std_TE, idx_TK, gates_TK, counted_E, weight_T)
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
-            self._record_readouts(counts_E, gates_TK, keep_TK)
+            dropped = None
+            if keep_TK is not None:
+                dropped = (~keep_TK).sum() if weight_T is None else ((~keep_TK) * weight_T.unsqueeze(1)).sum().long()
+            self._tally.add(counted_E, gates_TK, dropped, weight_T)
         return self.dropout(y_TD).view_as(x_BTD), aux
 
     def aux_loss(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor | None,
-                 idx_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+                 idx_TK: torch.Tensor, gates_TK: torch.Tensor, counts_E: torch.Tensor,
+                 weight_T: torch.Tensor | None = None) -> torch.Tensor:
         """``coef`` times the chosen balancing loss (computed on the router's choice, before drops).
 
         ``switch``: ``E * sum_e f_e P_e`` with f_e the share of routed slots and
@@ -186,14 +195,17 @@ class MoELayer(FFN):
         """
         E, K = self.cfg.num_experts, self.cfg.top_k
         if self.cfg.aux_loss == "switch":
-            loss = switch_loss(logits_TE, counts_E)
+            loss = switch_loss(logits_TE, counts_E, weight_T)
         else:
-            importance_E = torch.zeros_like(logits_TE).scatter(1, idx_TK, gates_TK).sum(0)
-            load_E = counts_E.float() if std_TE is None or K >= E else self._smooth_load(logits_TE, clean_TE, std_TE)
+            gates_TE = torch.zeros_like(logits_TE).scatter(1, idx_TK, gates_TK)
+            importance_E = gates_TE.sum(0) if weight_T is None else weight_T @ gates_TE
+            load_E = (counts_E.float() if std_TE is None or K >= E
+                      else self._smooth_load(logits_TE, clean_TE, std_TE, weight_T))
             loss = cv_squared(importance_E) + cv_squared(load_E)
         return self.cfg.aux_loss_coef * loss
 
-    def _smooth_load(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor) -> torch.Tensor:
+    def _smooth_load(self, logits_TE: torch.Tensor, clean_TE: torch.Tensor, std_TE: torch.Tensor,
+                     weight_T: torch.Tensor | None = None) -> torch.Tensor:
         """Shazeer's differentiable load: Phi((clean - threshold) / std), summed over tokens.
 
         The threshold an expert must beat is the k-th largest noisy logit of the
@@ -203,15 +215,12 @@ class MoELayer(FFN):
         top_TK1 = logits_TE.topk(K + 1, dim=-1).values
         in_TE = logits_TE > top_TK1[:, K:K + 1]
         threshold_TE = torch.where(in_TE, top_TK1[:, K:K + 1], top_TK1[:, K - 1:K])
-        return torch.special.ndtr((clean_TE - threshold_TE) / std_TE).sum(0)
+        p_TE = torch.special.ndtr((clean_TE - threshold_TE) / std_TE)
+        return p_TE.sum(0) if weight_T is None else weight_T @ p_TE
 
     # --- readouts (the SoME layer's, docs/some-layer.md section 4) ---------------------------
     def reset_readouts(self) -> None:
         self._tally.reset()
-
-    @torch.no_grad()
-    def _record_readouts(self, counts_E: torch.Tensor, gates_TK: torch.Tensor, keep_TK: torch.Tensor | None) -> None:
-        self._tally.add(counts_E, gates_TK, None if keep_TK is None else (~keep_TK).sum())
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
