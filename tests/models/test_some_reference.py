@@ -90,6 +90,7 @@ CASES = {  # (E, k, d), layer options
     "E16k4-learnable-tau-mlp": ((16, 4, 12), dict(learnable_tau=True, query_net="mlp", query_hidden=10,
                                                   score="dot", key_norm=False)),
     "E5k3-lora-keyema-nobias": ((5, 3, 8), dict(lora_rank=2, lora_alpha=3.0, key_ema=0.5, expert_bias=False)),
+    "E8k3-cosine-learnable-tau": ((8, 3, 8), dict(learnable_tau=True)),
     "E12k12-temperature": ((12, 12, 8), dict(router_temperature_train=0.3, score="dot", key_norm=False)),
 }
 
