@@ -106,6 +106,20 @@ def test_divergence_stops_with_an_error_and_keeps_the_best_checkpoint(tmp_path, 
     assert read_trainer_state(resolve_checkpoint(run, "best"))["best_val"] == min(r["val_loss"] for r in evals)
 
 
+def test_a_non_finite_checkpoint_is_refused_on_load(tmp_path, data_cache):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "r"
+    quiet(tiny_config(data_cache, "train.max_steps=1", "train.eval_every=0"), run).fit()
+    weights = list_checkpoints(run)[-1] / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k, t in state.items() if t.is_floating_point())
+    state[name][0] = float("nan")  # as written by a version that saved diverged weights
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=rf"holds non-finite weights \({name}\)"):
+        load_run(run, device="cpu")
+
+
 # --- the best checkpoint --------------------------------------------------------------------------
 @pytest.mark.parametrize("losses,best", [({3: 1.0, 6: 2.0, 8: 3.0}, 3), ({3: 2.0, 6: 3.0, 8: 1.0}, 8)],
                          ids=["best-between-saves", "best-at-the-final-eval"])

@@ -119,11 +119,17 @@ def _free_space_note(folder: Path, need_bytes: int) -> str:
     return f"a checkpoint needs about {need_bytes / 2**20:.1f} MiB there, {free / 2**20:.1f} MiB are free"
 
 
+def _non_finite(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    return next((name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())),
+                None)
+
+
 def _refuse_non_finite(model_state: dict[str, torch.Tensor], step: int) -> None:
-    for name, tensor in model_state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"refusing to write checkpoint step-{step:08d}: model weight {name} is not finite; "
-                                  f"the earlier checkpoints (and the best) are kept; lower train.lr")
+    name = _non_finite(model_state)
+    if name is not None:
+        raise CheckpointError(f"refusing to write checkpoint step-{step:08d}: model weight {name} is not finite; "
+                              f"the earlier checkpoints (and the best) are kept; lower train.lr")
 
 
 def refresh_trainer_state(path: Path, trainer_state: dict[str, Any]) -> None:
@@ -248,6 +254,10 @@ def load_config_from(path: Path) -> RunConfig:
 
 def load_model_state(path: Path, model: torch.nn.Module) -> None:
     state = _read_safetensors(Path(path) / "model.safetensors")
+    bad = _non_finite(state)
+    if bad is not None:  # written before saves refused them
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({bad}); use an earlier checkpoint "
+                              f"(--checkpoint best)")
     mismatch = _architecture_mismatch(state, model.state_dict())
     if mismatch:
         raise CheckpointError(f"checkpoint {path} does not match the model ({mismatch}); "
