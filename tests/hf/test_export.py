@@ -59,16 +59,18 @@ def test_export_uses_the_exact_class_and_its_logits_match_somoe(kind, hf_runs, e
 def test_greedy_generate_gives_somoe_generates_tokens(kind, hf_runs, exports):
     """One prompt, then a left-padded batch of two: 40 greedy tokens each, KV-cached on both sides."""
     loaded = load_run(hf_runs[kind], device="cpu")
-    model, tok = load_hf(exports[kind]), transformers.AutoTokenizer.from_pretrained(exports[kind].out)
+    exported = exports[kind]
+    model = load_hf(exported)
+    tok = transformers.AutoTokenizer.from_pretrained(exported.out, trust_remote_code=exported.trust_remote_code)
     prompt_ids = [[loaded.tokenizer.eos_id] + loaded.tokenizer.encode(p) for p in PROMPTS]
-    ours = generate_ids(loaded.model, prompt_ids, GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False),
-                        loaded.tokenizer.eos_id, loaded.tokenizer.pad_id)
-    for batch in ([PROMPTS[0]], PROMPTS):
-        enc = tok(batch, return_tensors="pt", padding=True)
-        assert enc["input_ids"][-1].tolist() == prompt_ids[len(batch) - 1]  # [EOS] + the prompt, left-padded
+    greedy = GenerationConfig(max_new_tokens=40, greedy=True, stop_at_eos=False)
+    for n in (1, 2):  # separately: with expert capacity, a token's experts depend on the whole batch
+        ours = generate_ids(loaded.model, prompt_ids[:n], greedy, loaded.tokenizer.eos_id, loaded.tokenizer.pad_id)
+        enc = tok(PROMPTS[:n], return_tensors="pt", padding=True)
+        assert enc["input_ids"][-1].tolist() == prompt_ids[n - 1]  # [EOS] + the prompt, left-padded
         out = model.generate(**enc, max_new_tokens=40, do_sample=False, eos_token_id=None)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        assert new == ours[:len(batch)]
+        assert out.shape[1] == enc["input_ids"].shape[1] + 40
+        assert out[:, enc["input_ids"].shape[1]:].tolist() == ours
 
 
 @pytest.mark.parametrize("kind", ["gpt2_dense", "smollm_moe", "gpt2_some"])
@@ -92,7 +94,7 @@ except ImportError:
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=sys.argv[3] == "1").eval()
-tok = AutoTokenizer.from_pretrained(sys.argv[2])
+tok = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=sys.argv[3] == "1")
 ids = torch.tensor(json.loads(sys.argv[4]))
 with torch.no_grad():
     logits = model(ids).logits

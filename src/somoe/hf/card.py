@@ -56,8 +56,8 @@ def data_description(loaded: LoadedRun) -> str:
         return f"local files (train: `{d.train_path}`, validation: `{d.val_path or 'last share of train'}`)"
     if source == "tinystories":
         return f"TinyStories (`{d.hub_dataset}`), first {d.hub_train_stories} train / {d.hub_val_stories} validation stories"
-    return (f"somoe's built-in synthetic story corpus ({d.builtin_train_stories} train / {d.builtin_val_stories} "
-            f"validation stories, seed {d.builtin_seed})")
+    return (f"somoe's built-in story corpus (`data.builtin_train_stories={d.builtin_train_stories}`, "
+            f"`data.builtin_val_stories={d.builtin_val_stories}`)")
 
 
 def model_card(loaded: LoadedRun, native: str | None) -> str:
