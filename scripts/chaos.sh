@@ -12,6 +12,7 @@ RUNS=${1:-5}
 KILLS=${2:-2}
 OUT=${3:-$(mktemp -d "${TMPDIR:-/tmp}/somoe-chaos.XXXXXX")}
 PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
 ARGS=(--preset debug --no-progress train.max_steps=40 train.ckpt_every=5 train.eval_every=20 train.keep_last=0
       train.device=cpu train.precision=fp32 train.num_threads=1 model.dropout=0.1)
 
