@@ -1,4 +1,4 @@
-"""``somoe bench layer|train|generate|memory|ops``: speed against references run in the same process, and memory.
+"""``somoe bench layer|train|generate|memory|ops|compile``: speed against references run in the same process, and memory.
 
 Each prints a table (and notes, e.g. skipped ``transformers`` rows); with
 ``--json`` one object ``{"rows": [...]}`` on stdout (notes go to stderr).
@@ -12,7 +12,7 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmarks (vs dense, GPT-2 and transformers)")
-    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory,ops}")
+    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory,ops,compile}")
 
     def common(q, reps: int):
         q.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of a table')
@@ -67,6 +67,17 @@ def register(sub) -> None:
     q.add_argument("--d-model", type=int, default=64)
     q.add_argument("--d-ffn", type=int, default=128)
     q.set_defaults(func=cmd_ops)
+
+    q = kinds.add_parser("compile", help="graph breaks, compiles, recompiles and compile time of a preset's training step")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--preset", default="cpu_some", help="comma list of presets")
+    q.add_argument("--steps", type=int, default=6, help="training steps (top-k warm-up, an eval and a reload inside)")
+    q.add_argument("--backend", default="inductor", help="torch.compile backend (eager, aot_eager, inductor)")
+    q.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16 (bf16 traces the expert dispatch whole)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--fullgraph", action="store_true", help="fail on the first graph break instead of counting")
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.set_defaults(func=cmd_compile)
 
 
 def _dtypes(args) -> tuple[str, ...]:
@@ -174,3 +185,17 @@ def cmd_ops(args) -> int:
         shape = LayerShape(args.tokens, args.d_model, args.d_ffn, E, k)
         rows += ops.bench_ops(shape, _dtypes(args), paths, top=args.top)
     return _emit(args, rows, ops.COLUMNS, [])
+
+
+def cmd_compile(args) -> int:
+    from ..bench import compile as compile_bench
+    from ..config import ConfigError
+
+    if args.steps < 2:
+        raise ConfigError(f"--steps {args.steps}: give at least 2 (the first step compiles)")
+    _setup(args)
+    rows = [compile_bench.compile_report(p, args.steps, tuple(args.overrides), args.backend, dtype, args.device,
+                                         args.fullgraph)
+            for p in args.preset.split(",") if p for dtype in _dtypes(args)]
+    notes = [f"{r['preset']} {r['dtype']}: break {reason.splitlines()[0]}" for r in rows for reason in r["break_reasons"]]
+    return _emit(args, rows, compile_bench.COLUMNS, notes)

@@ -93,12 +93,18 @@ def expert_counts(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     return flat.new_zeros(num_experts).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def slot_counts(expert_idx_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor) -> torch.Tensor:
-    """Weighted slots per expert (float, length E): each token's K slots count ``weight_T[t]``
-    (0 for PAD tokens that statistics must not see)."""
-    flat = expert_idx_TK.reshape(-1).long()
-    w_S = weight_T.unsqueeze(1).expand(expert_idx_TK.shape).reshape(-1)
-    return w_S.new_zeros(num_experts).scatter_add_(0, flat, w_S)
+def slot_counts(expert_idx_TK: torch.Tensor, num_experts: int, weight_T: torch.Tensor | None = None,
+                live_K: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted slots per expert (float, length E): slot ``(t, j)`` counts ``weight_T[t] * live_K[j]``
+    (0 for PAD tokens that statistics must not see, 0 for the dead slots of a masked top-k)."""
+    T, K = expert_idx_TK.shape
+    w_TK = expert_idx_TK.new_ones((), dtype=torch.float32).expand(T, K)
+    if weight_T is not None:
+        w_TK = w_TK * weight_T.unsqueeze(1)
+    if live_K is not None:
+        w_TK = w_TK * live_K.to(torch.float32)
+    w_S = w_TK.reshape(-1)
+    return w_S.new_zeros(num_experts).scatter_add_(0, expert_idx_TK.reshape(-1).long(), w_S)
 
 
 def plan(expert_idx_TK: torch.Tensor, num_experts: int, host_counts: bool = True,

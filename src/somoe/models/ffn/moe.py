@@ -97,6 +97,8 @@ class MoELayer(FFN):
                 b.no_weight_decay = True  # stacked biases are 2-D; the optimizer must not treat them as matrices
         self.act = None if self.swiglu else activation_fn(cfg.activation)
         self.dropout = nn.Dropout(cfg.dropout)
+        # 1.0 once the noise has started: a compiled forward multiplies the noise by it (one graph)
+        self.register_buffer("noise_on", torch.zeros(()), persistent=False)
         self.set_progress(0, 0)
         self._tally = RoutingTally(self.cfg.num_experts)
         # added to the clean logits when set (E,): upcycling's verification forces each expert in turn
@@ -121,6 +123,8 @@ class MoELayer(FFN):
     def set_progress(self, step: int, total_steps: int) -> None:
         # a bool, not the step: torch.compile guards on what the forward reads (SoMELayer.set_progress)
         self._noise_started = step >= self.cfg.noise_start_step
+        if not self.noise_on.is_meta:
+            self.noise_on.fill_(float(self._noise_started))
 
     def noise_active(self) -> bool:
         return self.noise is not None and self.training and self._noise_started
@@ -132,6 +136,10 @@ class MoELayer(FFN):
             clean_TE = F.linear(x32, self.router.weight.float())
             if self.logit_offset is not None:
                 clean_TE = clean_TE + self.logit_offset.to(clean_TE.device)
+            if self.noise is not None and self.training and torch.compiler.is_compiling():
+                # one graph before and after noise_start_step: the noise times the device flag (0 or 1)
+                std_TE = F.softplus(F.linear(x32, self.noise.weight.float()))
+                return clean_TE + torch.randn_like(clean_TE) * std_TE * self.noise_on, clean_TE, std_TE
             if not self.noise_active():
                 if self.training and self.noise is not None:  # noise-free steps: W_noise stays in the graph
                     clean_TE = clean_TE + 0.0 * self.noise.weight.sum()  # (DDP needs a gradient for every weight)
@@ -201,6 +209,8 @@ class MoELayer(FFN):
             importance_E = gates_TE.sum(0) if weight_T is None else weight_T @ gates_TE
             load_E = (counts_E.float() if std_TE is None or K >= E
                       else self._smooth_load(logits_TE, clean_TE, std_TE, weight_T))
+            if std_TE is not None and K < E and torch.compiler.is_compiling():  # the noise may not have started
+                load_E = torch.where(self.noise_on > 0, load_E, counts_E.float())
             loss = cv_squared(importance_E) + cv_squared(load_E)
         return self.cfg.aux_loss_coef * loss
 

@@ -39,6 +39,9 @@ from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_e
 KEY_SEED_OFFSET = 1_000_003
 SAMPLE_SEED_OFFSET = 2_000_003
 LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
+# decay_target=sample: uniforms drawn per key update for this many draws (micro-batches) in a row; a
+# step with more gathering forwards reuses them cyclically
+DRAW_TABLE = 64
 
 
 def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]]:
@@ -147,13 +150,11 @@ class SoMELayer(FFN):
         self._tally = RoutingTally(c.num_experts)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
-        # Host copies of the counters that seed the query samples: reading the buffers in the forward
-        # would be a host sync per layer on a GPU (and a graph break under torch.compile).
-        # None: unknown (after a load), read from the buffer once at the next use.
-        self._updates_on_host: int | None = 0
-        self._draws_on_host = 0
+        # Host copy of ``som_updates`` (the key rules and the query-sample seeds read it): reading the
+        # buffer at every update would be a host sync. Re-read once after a load.
+        self._updates_on_host = 0
         self.register_load_state_dict_pre_hook(self._check_expert_hash)
-        self.register_load_state_dict_post_hook(self._forget_host_counters)
+        self.register_load_state_dict_post_hook(self._after_load)
         self.init_weights()
 
     # --- construction --------------------------------------------------------------------
@@ -168,6 +169,11 @@ class SoMELayer(FFN):
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
         if self.cfg.key_ema > 0:
             self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
+        # the current top-k on the device: a compiled forward reads it as a mask, so one graph serves
+        # every k of the top-k warm-up
+        self.register_buffer("top_k_live", torch.zeros((), dtype=torch.int64), persistent=False)
+        if self.cfg.decay and self.cfg.decay_target == "sample":  # this update's uniforms (_refresh_draws)
+            self.register_buffer("sample_u", torch.zeros(DRAW_TABLE, E, dtype=torch.float64), persistent=False)
         self._statistics = statistic_shapes(self.cfg, E, D)
         for name, shape in self._statistics.items():
             self.register_buffer(name, torch.empty(shape), persistent=False)
@@ -207,6 +213,7 @@ class SoMELayer(FFN):
         for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
             getattr(self, name).zero_()
         self._updates_on_host = 0
+        self._refresh_draws()
         if c.center_queries:
             self.query_center.zero_()
         if self.log_tau is not None:
@@ -237,8 +244,24 @@ class SoMELayer(FFN):
         self._experts_ready = True
 
     @staticmethod
-    def _forget_host_counters(module: "SoMELayer", _incompatible_keys) -> None:
-        module._updates_on_host = None  # som_updates came from the checkpoint
+    def _after_load(module: "SoMELayer", _incompatible_keys) -> None:
+        if module.som_updates.is_meta:
+            return
+        module._updates_on_host = int(module.som_updates)  # came from the checkpoint: one read, at load
+        module._refresh_draws()
+
+    @torch.no_grad()
+    def _refresh_draws(self) -> None:
+        """The uniforms of this key update's query samples (``decay_target=sample``), from a host
+        generator seeded by (seed, layer, update count), copied to the device without a host sync: a
+        resumed run draws what an uninterrupted one draws, and the forward reads them by the device
+        draw counter, with no host RNG or host counter in the step."""
+        if not hasattr(self, "sample_u") or self.sample_u.is_meta:
+            return
+        seed = self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET + 7919 * self._updates_on_host
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        u = torch.rand(self.sample_u.shape, generator=gen, device="cpu", dtype=torch.float64)
+        self.sample_u.copy_(_from_host(u, self.sample_u.device))
 
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
@@ -265,6 +288,8 @@ class SoMELayer(FFN):
         # dynamo's recompile limit sent the rest of training to eager.
         self._total_steps = total_steps
         self._top_k = rules.top_k_at(self.cfg, step, total_steps)
+        if not self.top_k_live.is_meta:
+            self.top_k_live.fill_(self._top_k)
         self._gather_now = step % self.cfg.update_every == 0  # other steps skip the statistics entirely
 
     @property
@@ -308,6 +333,14 @@ class SoMELayer(FFN):
         top_TK, idx_TK = scores_TE.topk(self.top_k_now, dim=-1)
         return idx_TK, torch.softmax(top_TK.float(), dim=-1)
 
+    def _select_masked(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The compiled forward's selection: the final ``top_k`` slots, those past the current k (the
+        device's ``top_k_live``) with gate exactly 0, and the (K,) mask of live slots. One graph for
+        every k of the warm-up; the dead slots are computed (with zero gate) until k reaches top_k."""
+        top_TK, idx_TK = scores_TE.topk(self.cfg.top_k, dim=-1)
+        live_K = torch.arange(self.cfg.top_k, device=scores_TE.device) < self.top_k_live
+        return idx_TK, torch.softmax(top_TK.float().masked_fill(~live_K, float("-inf")), dim=-1), live_K
+
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert indices and gates (``x.shape[:-1] + (k_t,)``) under the current mode's temperature."""
@@ -332,15 +365,21 @@ class SoMELayer(FFN):
         accumulators, the usage tallies and readouts, and the aux loss."""
         x_TD = x_BTD.reshape(-1, self.d_model)
         scores_TE, q_TD, q_raw_TD = self._scores(x_TD)
-        idx_TK, gates_TK = self._select(scores_TE)
+        live_K = None
+        if torch.compiler.is_compiling() and self.cfg.topk_warmup > 0:
+            idx_TK, gates_TK, live_K = self._select_masked(scores_TE)
+        else:
+            idx_TK, gates_TK = self._select(scores_TE)
         counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert: the dispatch's
         y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
                         compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
         if self.out_scale is not None:
             y_TD = y_TD * self.out_scale.to(y_TD.dtype)
         weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
-        # the statistics' slots per expert: the dispatch's counts, or only the real tokens' slots
-        counted_E = counts_E if weight_T is None else slot_counts(idx_TK, self.cfg.num_experts, weight_T)
+        # the statistics' slots per expert: the dispatch's counts, or only the real tokens' live slots
+        counted_E = counts_E
+        if weight_T is not None or live_K is not None:
+            counted_E = slot_counts(idx_TK, self.cfg.num_experts, weight_T, live_K)
         aux = (self._aux_loss(scores_TE, counted_E, weight_T) if self.training and self.cfg.aux_loss_coef > 0
                else None)
         if not in_recompute():  # a checkpoint recompute has been counted by the first forward
@@ -350,7 +389,7 @@ class SoMELayer(FFN):
                 tokens = x_TD.shape[0] if weight_T is None else weight_T.sum()
                 self._tally.add_sums(counted_E, entropy, tokens)
                 if self._gathering():
-                    self._accumulate(q_TD, q_raw_TD, idx_TK, gates32_TK, counted_E, weight_T, entropy)
+                    self._accumulate(q_TD, q_raw_TD, idx_TK, gates32_TK, counted_E, weight_T, entropy, live_K)
         return y_TD.view_as(x_BTD), aux
 
     def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor,
@@ -367,17 +406,18 @@ class SoMELayer(FFN):
     @torch.no_grad()
     def _accumulate(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
                     gates_TK: torch.Tensor, counts_E: torch.Tensor | None = None,
-                    weight_T: torch.Tensor | None = None, entropy: torch.Tensor | None = None) -> None:
+                    weight_T: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                    live_K: torch.Tensor | None = None) -> None:
         """Add this batch to the step's statistics. Optional, when the forward has them: ``counts_E``
         the counted slots per expert, ``weight_T`` 1 for counted tokens and 0 for PAD, ``entropy`` the
-        counted tokens' summed gate entropy."""
+        counted tokens' summed gate entropy, ``live_K`` the live slots of a masked selection."""
         with torch.autocast(q_TD.device.type, enabled=False):  # fp32 sums even inside a bf16 forward
             self._accumulate_fp32(q_TD.detach().float(), q_raw_TD.detach().float(), idx_TK,
-                                  gates_TK.detach().float(), counts_E, weight_T, entropy)
+                                  gates_TK.detach().float(), counts_E, weight_T, entropy, live_K)
 
     def _accumulate_fp32(self, q_TD: torch.Tensor, q_raw_TD: torch.Tensor, idx_TK: torch.Tensor,
                          g_TK: torch.Tensor, counts_E: torch.Tensor | None, weight_T: torch.Tensor | None,
-                         entropy: torch.Tensor | None) -> None:
+                         entropy: torch.Tensor | None, live_K: torch.Tensor | None) -> None:
         if self.cfg.update_token_fraction < 1.0:
             rows = self._token_sample(q_TD.shape[0], q_TD.device)
             q_TD, q_raw_TD, idx_TK, g_TK = q_TD[rows], q_raw_TD[rows], idx_TK[rows], g_TK[rows]
@@ -388,7 +428,8 @@ class SoMELayer(FFN):
         if weight_T is not None:  # PAD tokens: zero gates, so they add nothing to any gate-weighted sum
             g_TK = g_TK * weight_T.unsqueeze(1)
         if counts_E is None:
-            counts_E = expert_counts(e_S, E) if weight_T is None else slot_counts(idx_TK, E, weight_T)
+            counts_E = (expert_counts(e_S, E) if weight_T is None and live_K is None
+                        else slot_counts(idx_TK, E, weight_T, live_K))
         if entropy is None:  # PAD's zeroed gates have zero entropy
             entropy = rules.gate_entropy_sum(g_TK)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
@@ -399,6 +440,8 @@ class SoMELayer(FFN):
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
             # w[t, j, j'] = g[t, j'] for j' != j: the gate of every co-selected expert, without subtraction
             w_TKK = g_TK.unsqueeze(1) * (1.0 - torch.eye(K, device=g_TK.device))
+            if live_K is not None:  # a dead slot (gate 0) has no co-selected experts
+                w_TKK = w_TKK * live_K.view(1, K, 1)
             keys_TKD = self.key_store[idx_TK].float()
             self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
@@ -418,23 +461,19 @@ class SoMELayer(FFN):
         m = max(1, round(self.cfg.update_token_fraction * T))
         return _from_host(torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values, device)
 
-    @torch.compiler.disable
     def _draw_query_samples(self, q_TD: torch.Tensor, weight_T: torch.Tensor | None = None) -> None:
         """One random query per expert (``decay_target=sample``), summed over micro-batches and ranks.
 
-        The draws come from a generator seeded by (seed, layer, update count, draw), so a resumed
-        run draws the same rows as an uninterrupted one; ranks draw the same ranks of their own
-        batches, and the all-reduced mean is a mean of real queries. The counts are the host
-        copies of ``som_updates`` and ``stat_sample_draws``. Each draw is a uniform ``u`` in [0, 1):
+        Draw ``d`` of an update reads row ``d`` of that update's uniforms (:meth:`_refresh_draws`), by
+        the device counter ``stat_sample_draws``: a resumed run draws the same rows as an
+        uninterrupted one, ranks draw the same ranks of their own batches, and the all-reduced mean
+        is a mean of real queries. Each draw is a uniform ``u`` in [0, 1):
         expert ``e`` takes the ``floor(u_e * n)``-th of the ``n`` counted tokens, located on the
         device when PAD tokens are masked (no host read of ``n``), so a padded batch draws the same
         queries as its real tokens alone.
         """
-        seed = (self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET
-                + 7919 * self._updates_so_far() + self._draws_on_host)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        u_E = _from_host(torch.rand(self.cfg.num_experts, generator=gen, device="cpu", dtype=torch.float64),
-                         q_TD.device)
+        draw = (self.stat_sample_draws.long() % DRAW_TABLE).view(1)
+        u_E = self.sample_u.index_select(0, draw)[0]  # a tensor index: no host read of the counter
         if weight_T is None:
             rows_E = (u_E * q_TD.shape[0]).long()
         else:  # the r-th counted token: the first row whose running count of counted tokens exceeds r
@@ -442,13 +481,6 @@ class SoMELayer(FFN):
             rows_E = torch.searchsorted(weight_T.double().cumsum(0), rank_E, right=True).clamp_max(q_TD.shape[0] - 1)
         self.stat_q_samples += q_TD[rows_E]
         self.stat_sample_draws += 1
-        self._draws_on_host += 1
-
-    def _updates_so_far(self) -> int:
-        """``som_updates``, from its host copy (read from the buffer once after a load)."""
-        if self._updates_on_host is None:
-            self._updates_on_host = int(self.som_updates)
-        return self._updates_on_host
 
     def som_statistics(self) -> list[torch.Tensor]:
         """The accumulators, for the trainer's in-place SUM all-reduce."""
@@ -457,7 +489,6 @@ class SoMELayer(FFN):
     def _clear_statistics(self) -> None:
         for name in self._statistics:
             getattr(self, name).zero_()
-        self._draws_on_host = 0
 
     def train(self, mode: bool = True):
         if mode and not self.training:
@@ -517,12 +548,13 @@ class SoMELayer(FFN):
             route_ED = c.key_ema * self.key_route + (1.0 - c.key_ema) * new_ED
             self.key_route.copy_(F.normalize(route_ED, dim=1) if c.key_norm else route_ED)
         self._entropy_band(top_k)
-        self._updates_on_host = self._updates_so_far() + 1
+        self._updates_on_host += 1
         self.som_updates += 1
+        self._refresh_draws()
 
     def _update_query_mean(self) -> None:
         tokens = self.stat_tokens.clamp_min(1.0)
-        first = self._updates_so_far() == 0  # no EMA bias toward the zero they start from
+        first = self._updates_on_host == 0  # no EMA bias toward the zero they start from
         pairs = [(self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay)]
         if self.cfg.center_queries:
             pairs.append((self.query_center, self.stat_q_raw_total, self.cfg.center_decay))
