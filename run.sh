@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets itself up: creates .venv on first use, installs somoe, then
-#   ./run.sh quickstart [--data DIR] [key=value ...]   the main job (offline, built-in corpus by default)
+#   ./run.sh quickstart [--data DIR] [key=value ...]   the main job (offline, on the built-in TinyStories stories)
 #   ./run.sh test [pytest args]                         the test suite
 #   ./run.sh somoe ARGS...                              any somoe command
 set -euo pipefail

@@ -138,18 +138,20 @@ def write_report(run_dir: Path) -> str:
     return write_summary(run_dir)
 
 
-def comparison_table(summaries: list[dict[str, Any]], labels: list[str] | None = None) -> str:
+def comparison_table(summaries: list[dict[str, Any]], labels: list[str] | None = None,
+                     extra: dict[str, list[str]] | None = None) -> str:
     """Side-by-side table of runs (best val figures, sizes, speed, middle-layer routing) from their
     :func:`summarize_run` dicts. ``labels`` replace the config names in the first column (runs of one
-    preset share a name)."""
-    header = ("run", "ffn", "val loss", "ppl", "bpb", "trainable", "total", "tokens", "tok/s", "mid gini",
+    preset share a name); ``extra`` adds columns (name -> one cell per run) after the parameter counts."""
+    extra = extra or {}
+    header = ("run", "ffn", "val loss", "ppl", "bpb", "trainable", "total", *extra, "tokens", "tok/s", "mid gini",
               "mid H bits")
     rows = [header]
     for i, s in enumerate(summaries):
         rows.append((
             labels[i] if labels else s["name"], s["ffn"], _fmt(s["best_val_loss"]), _fmt(s["best_val_ppl"], ".3f"),
             _fmt(s["best_val_bpb"]), _millions(s["params_trainable"]), _millions(s["params_total"]),
-            _millions(s["tokens_seen"]), _fmt(s["tokens_per_s"], ",.0f"),
+            *(cells[i] for cells in extra.values()), _millions(s["tokens_seen"]), _fmt(s["tokens_per_s"], ",.0f"),
             _fmt(s["middle_gini"][-1], ".3f") if s["middle_gini"] else "-",
             _fmt(s["middle_entropy_bits"][-1], ".3f") if s["middle_entropy_bits"] else "-",
         ))

@@ -57,3 +57,12 @@ def test_adapt_command_writes_both_modes(some_run, tmp_path):
     assert active["post_ood"]["ppl"] > 1.0 and (out / "adapt.png").stat().st_size > 10_000
     assert "| active |" in (out / "adapt.md").read_text()
     assert main(["adapt", str(some_run), "--shift-data", str(shift_file), "--shift-batches", "500"]) == 2
+
+
+def test_adapt_defaults_to_the_built_in_sherlock_holmes_text(some_run, tmp_path):
+    out = tmp_path / "adapt"
+    assert main(["adapt", str(some_run), "--pre-batches", "1", "--shift-batches", "2", "--heldout-batches", "1",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    summary = json.loads((out / "adapt.json").read_text())
+    assert summary["shift_data"] == "The Adventures of Sherlock Holmes (public domain)"
+    assert len(summary["modes"]["active"]["stream_loss"]) == 3

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from somoe.config import ConfigError, RunConfig
-from somoe.data import BPETokenizer, TokenStream, build_token_stream, generate_stories, prepare_data
+from helpers import shipped_stories
+from somoe.data import BPETokenizer, TokenStream, build_token_stream, prepare_data
 from somoe.data import cache as cache_mod
 from somoe.data.prepare import cache_root, encode_stories_for_eval
 
@@ -56,7 +57,7 @@ def test_chunking_does_not_change_the_stream(tmp_path, monkeypatch):
 
 
 def test_real_tokenizer_round_trip_and_bytes(tmp_path):
-    stories = generate_stories(60, 1) + ["“Café” 🙂 — fin."]
+    stories = shipped_stories(60, start=100) + ["“Café” 🙂 — fin."]
     tok = BPETokenizer.train(stories, 320)
     stream = build_token_stream(stories, tok, tmp_path / "s")
     reopened = TokenStream.open(tmp_path / "s")
@@ -108,7 +109,7 @@ def test_prepare_builds_then_reuses(tmp_path):
     data = prepare_data(cfg, tmp_path / "run", log=logs.append)
     assert data.tokenizer.vocab_size == 320
     assert (data.train.n_stories, data.val.n_stories) == (120, 12)
-    assert data.train.n_bytes == sum(len(s.encode()) for s in generate_stories(120, 0))
+    assert data.train.n_bytes == sum(len(s.encode()) for s in shipped_stories(120))
     assert data.tokenizer_path == tmp_path / "run" / "tokenizer.json"
     assert BPETokenizer.load(data.tokenizer_path).fingerprint == data.tokenizer.fingerprint
     assert not any("using cached" in m for m in logs)
@@ -127,7 +128,7 @@ def test_prepare_builds_then_reuses(tmp_path):
 
 def test_prepare_prefers_explicit_then_run_tokenizer(tmp_path):
     cache = tmp_path / "cache"
-    other = BPETokenizer.train(generate_stories(50, 9), 300)
+    other = BPETokenizer.train(shipped_stories(50, start=900), 300)
     path = other.save(tmp_path / "mine")
     data = prepare_data(tiny_cfg(cache, tokenizer_path=str(path)), tmp_path / "run", log=lambda *_: None)
     assert data.tokenizer.fingerprint == other.fingerprint and data.tokenizer.vocab_size == 300
@@ -138,7 +139,7 @@ def test_prepare_prefers_explicit_then_run_tokenizer(tmp_path):
 
 
 def test_prepare_rejects_a_tokenizer_bigger_than_the_model(tmp_path):
-    path = BPETokenizer.train(generate_stories(50, 9), 300).save(tmp_path / "t")
+    path = BPETokenizer.train(shipped_stories(50, start=900), 300).save(tmp_path / "t")
     cfg = tiny_cfg(tmp_path / "cache", tokenizer_path=str(path))
     cfg.model.vocab_size = 280
     with pytest.raises(ConfigError, match="model.vocab_size=300"):

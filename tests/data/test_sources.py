@@ -10,7 +10,7 @@ import types
 import pytest
 
 from somoe.config import ConfigError, DataConfig
-from somoe.data import generate_stories, load_stories, read_story_file
+from somoe.data import load_stories, read_story_file
 from somoe.data.sources import source_key
 
 
@@ -45,13 +45,18 @@ def test_jsonl(tmp_path):
     ("empty.txt", "", "no stories"),
     ("blank.txt", "\n<|endoftext|>\n  \n", "no stories"),
     ("latin.txt", b"Caf\xe9 story", "offset 3"),
+    ("binary.txt", b"PK\x03\x04\x00\x00story", "looks binary (NUL byte at offset 4)"),
+    ("folder", "dir", "is a directory, not a story file"),
+    ("tinystories.txt", "dir", "pass a file inside it"),
     ("bad.jsonl", '{"text": "ok"}\n{"story": "no text"}\n', "line 2"),
     ("broken.jsonl", '{"text": "ok"}\n{oops\n', "line 2 is not valid JSON"),
     ("table.csv", "text\nhello\n", "unknown story file type '.csv'"),
 ])
 def test_bad_files_raise_one_line_config_errors(tmp_path, name, content, needle):
     path = tmp_path / name
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         write(path, content)
     with pytest.raises(ConfigError) as e:
         read_story_file(path)
@@ -85,11 +90,16 @@ def test_single_story_file_cannot_be_split(tmp_path):
         load_stories(cfg, "val")
 
 
-def test_builtin_splits_are_disjoint_slices_of_one_generator():
-    cfg = DataConfig(builtin_train_stories=5, builtin_val_stories=3, builtin_seed=7)
-    train, val = load_stories(cfg, "train"), load_stories(cfg, "val")
-    assert train + val == generate_stories(8, 7)
+def test_builtin_is_the_shipped_real_stories_with_optional_caps():
+    train, val = load_stories(DataConfig(), "train"), load_stories(DataConfig(), "val")
+    assert (len(train), len(val)) == (2415, 300)  # all of the shipped train.txt and dev.txt
     assert not set(train) & set(val)
+    assert train[0].startswith("Once upon a time there was a little boy named Ben.")
+    assert all("<|endoftext|>" not in s and s == s.strip() for s in train + val)
+    capped = DataConfig(builtin_train_stories=5, builtin_val_stories=3)
+    assert load_stories(capped, "train") == train[:5] and load_stories(capped, "val") == val[:3]
+    with pytest.raises(ConfigError, match="builtin_train_stories=-1 must be >= 0"):
+        DataConfig(builtin_train_stories=-1).validate()
 
 
 def test_files_source_needs_a_path():
@@ -156,7 +166,6 @@ def test_source_keys(tmp_path):
     assert source_key(builtin, "train") != source_key(builtin, "val")
     assert source_key(builtin, "train") == source_key(DataConfig(builtin_train_stories=10, builtin_val_stories=9),
                                                       "train")  # the val size does not touch train
-    assert source_key(builtin) != source_key(DataConfig(builtin_train_stories=10, builtin_val_stories=2,
-                                                        builtin_seed=1))
+    assert source_key(builtin, "train") != source_key(DataConfig(builtin_train_stories=0), "train")
     hub = DataConfig(source="tinystories", hub_train_stories=5)
     assert "hub" in source_key(hub) and source_key(hub) != source_key(DataConfig(source="tinystories"))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from somoe.config import ConfigError
-from somoe.data import BPETokenizer, generate_stories
+from helpers import shipped_stories
+from somoe.data import BPETokenizer
 
 UNSEEN = [
     "“Hello,” said Zoë. “Let’s go to the café!”",
@@ -18,7 +19,7 @@ UNSEEN = [
 
 @pytest.fixture(scope="module")
 def tok() -> BPETokenizer:
-    return BPETokenizer.train(generate_stories(300, 0) + UNSEEN[:1], vocab_size=400)
+    return BPETokenizer.train(shipped_stories(300) + UNSEEN[:1], vocab_size=400)
 
 
 def test_special_ids_and_size(tok):
@@ -26,7 +27,7 @@ def test_special_ids_and_size(tok):
     assert tok.vocab_size == 400  # 300 stories have far more than 141 merges to offer
 
 
-@pytest.mark.parametrize("text", UNSEEN + generate_stories(5, 99))
+@pytest.mark.parametrize("text", UNSEEN + shipped_stories(5, start=2000))
 def test_round_trip_and_byte_count(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -60,7 +61,7 @@ def test_decode_skips_specials(tok):
 
 
 def test_encode_batch_matches_encode(tok):
-    texts = UNSEEN + generate_stories(3, 5)
+    texts = UNSEEN + shipped_stories(3, start=1000)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
@@ -71,12 +72,12 @@ def test_save_load_keeps_ids_and_fingerprint(tok, tmp_path):
     assert loaded.fingerprint == tok.fingerprint and len(tok.fingerprint) == 16
     assert loaded.encode(UNSEEN[1]) == tok.encode(UNSEEN[1])
     assert loaded.encode("[EOS]") == tok.encode("[EOS]")  # text-mode specials survive the reload
-    other = BPETokenizer.train(generate_stories(300, 1), vocab_size=400)
+    other = BPETokenizer.train(shipped_stories(300, start=300), vocab_size=400)
     assert other.fingerprint != tok.fingerprint
 
 
 def test_training_is_deterministic():
-    stories = generate_stories(100, 3)
+    stories = shipped_stories(100, start=600)
     assert BPETokenizer.train(stories, 300).fingerprint == BPETokenizer.train(stories, 300).fingerprint
 
 

@@ -132,15 +132,23 @@ def _mean(values: list[float], tokens: list[int]) -> float:
     return sum(v * t for v, t in zip(values, tokens)) / max(sum(tokens), 1)
 
 
-def run_adaptation(run: str | Path, shift_data: str, out: str | Path | None = None, in_data: str | None = None,
+def run_adaptation(run: str | Path, shift_data: str | None = None, out: str | Path | None = None, in_data: str | None = None,
                    pre: int = 8, shift: int = 24, heldout: int = 8, batch_size: int = 8, which: str = "last",
                    device: str = "cpu", log=print) -> dict:
-    """Ablation C on one checkpoint; writes adapt.md / adapt.json / adapt.png into ``out`` (default RUN/adapt)."""
+    """Ablation C on one checkpoint; writes adapt.md / adapt.json / adapt.png into ``out`` (default RUN/adapt).
+
+    ``shift_data`` None: the built-in out-of-domain text (The Adventures of Sherlock Holmes)."""
+    from ..data import builtin_ood_text, encode_stories_for_eval
+    from ..data.packaged import OOD_NAME
     from ..runs import file_stream, run_val_stream
 
     first = load_run(run, device=device, which=which)
     in_stream = file_stream(in_data, first) if in_data else run_val_stream(first)
-    data = split_shift(in_stream, file_stream(shift_data, first), first.cfg.data.seq_len, batch_size, pre, shift,
+    if shift_data:
+        ood_stream = file_stream(shift_data, first)
+    else:
+        ood_stream, shift_data = encode_stories_for_eval([builtin_ood_text()], first.tokenizer), OOD_NAME
+    data = split_shift(in_stream, ood_stream, first.cfg.data.seq_len, batch_size, pre, shift,
                        heldout)
     results, modes = [], {}
     for mode in MODES:  # frozen first: it leaves every buffer as loaded (tests/analysis/test_adapt.py), so

@@ -1,4 +1,4 @@
-"""``somoe adapt RUN --shift-data FILE``: ablation C, frozen keys vs self-organization at inference."""
+"""``somoe adapt RUN [--shift-data FILE]``: ablation C, frozen keys vs self-organization at inference."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ def cmd_adapt(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("adapt", help="ablation C: perplexity under a domain shift, keys frozen vs self-organizing")
     p.add_argument("run", help="a SoME run folder or checkpoint")
-    p.add_argument("--shift-data", required=True, help="out-of-domain text (.txt/.jsonl/.parquet)")
+    p.add_argument("--shift-data", help="out-of-domain text (.txt/.jsonl/.parquet; default: the built-in "
+                                        "The Adventures of Sherlock Holmes)")
     p.add_argument("--in-data", help="in-domain text (default: the run's validation split)")
     p.add_argument("--pre-batches", type=int, default=8, help="in-domain batches before the shift")
     p.add_argument("--shift-batches", type=int, default=24, help="out-of-domain batches after the shift")

@@ -90,13 +90,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["auto", "builtin", "tinystories", "files"] = "auto"  # auto: files if train_path set, else builtin
+    # auto: files if train_path is set, else builtin (the real TinyStories stories shipped with somoe:
+    # 2,415 training and 300 dev stories, CDLA-Sharing-1.0); tinystories: the full dataset from the hub
+    source: Literal["auto", "builtin", "tinystories", "files"] = "auto"
     train_path: str = ""  # local .txt (<|endoftext|> separated) / .jsonl (text field) / .parquet (text column)
     val_path: str = ""  # if empty with train_path set, the last val_fraction of train stories
     val_fraction: float = 0.05
-    builtin_train_stories: int = 20000  # size of the generated corpus (offline default)
-    builtin_val_stories: int = 1000
-    builtin_seed: int = 0
+    builtin_train_stories: int = 0  # use only the first N built-in training stories (0 = all 2,415)
+    builtin_val_stories: int = 0  # use only the first N built-in dev stories (0 = all 300)
     hub_dataset: str = "roneneldan/TinyStories"
     hub_train_stories: int = 20000  # first N stories of the hub train split (seed 000: 20,000)
     hub_val_stories: int = 5000  # first N stories of the hub validation split (seed 000: 5,000)
@@ -111,6 +112,9 @@ class DataConfig:
             raise ConfigError(f"data.seq_len={self.seq_len} must be at least 2")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("builtin_train_stories", "builtin_val_stories"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 0 (0 = all built-in stories)")
         if self.val_path and not self.train_path:
             raise ConfigError("data.val_path is set without data.train_path; set both")
 

@@ -10,14 +10,14 @@ Typical use (what the trainer does)::
 """
 
 from .batches import TrainBatches, count_eval_targets, eval_batches
-from .builtin_corpus import generate_stories
 from .cache import TokenStream, build_token_stream
+from .packaged import ATTRIBUTION, builtin_ood_text, builtin_stories
 from .prepare import PreparedData, encode_stories_for_eval, prepare_data
 from .sources import load_stories, read_story_file, source_key
 from .tokenizer import BPETokenizer
 
 __all__ = [
-    "BPETokenizer", "PreparedData", "TokenStream", "TrainBatches", "build_token_stream", "count_eval_targets",
-    "encode_stories_for_eval", "eval_batches", "generate_stories", "load_stories", "prepare_data",
-    "read_story_file", "source_key",
+    "ATTRIBUTION", "BPETokenizer", "PreparedData", "TokenStream", "TrainBatches", "build_token_stream",
+    "builtin_ood_text", "builtin_stories", "count_eval_targets", "encode_stories_for_eval", "eval_batches",
+    "load_stories", "prepare_data", "read_story_file", "source_key",
 ]

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..config import ConfigError, DataConfig, RunConfig
 from .cache import TokenStream, build_token_stream, encode_in_memory
-from .sources import load_stories, source_key
+from .packaged import ATTRIBUTION
+from .sources import load_stories, resolve_source, source_key
 from .tokenizer import BPETokenizer
 
 TOKENIZER_RECIPE = 1  # bump when BPETokenizer.train changes, so cached tokenizers are retrained
@@ -124,6 +125,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path | None, log: Callable[..., None] 
     never downloads or tokenizes training stories.
     """
     root = cache_root(cfg.data)
+    if resolve_source(cfg.data) == "builtin":
+        log(f"data: the built-in real stories. {ATTRIBUTION}")
     train = _TrainStories(cfg.data)
     tokenizer, tok_path = _resolve_tokenizer(cfg, run_dir, root, train, log)
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -1,4 +1,4 @@
-"""Where stories come from: local files, the built-in generator, or the Hugging Face hub.
+"""Where stories come from: local files, the built-in TinyStories corpus, or the Hugging Face hub.
 
 Every failure a user can fix (missing file, bad encoding, unknown format, no
 network) raises :class:`~somoe.config.ConfigError` with a one-line message
@@ -13,20 +13,31 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, DataConfig
-from .builtin_corpus import GENERATOR_VERSION, generate_stories
+from .packaged import CORPUS_VERSION, EOT, builtin_stories
 
-EOT = "<|endoftext|>"
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 Split = Literal["train", "val"]
 
 
 # --- single files ------------------------------------------------------------------------
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory, not a story file; pass a file inside it (e.g. {path}/train.txt), "
+                          f"or the folder as quickstart's --data DIR")
+    if not path.is_file():
+        raise ConfigError(f"story file {path} not found; check the path (data.train_path / data.val_path / --data)")
+
+
 def _decode_utf8(raw: bytes, path: Path) -> str:
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not valid UTF-8 (bad byte at offset {e.start}); re-encode it as UTF-8, "
                           f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt") from None
+    if "\x00" in text:  # valid UTF-8 but a NUL byte: an archive, an image, a token dump... never story text
+        raise ConfigError(f"{path} looks binary (NUL byte at offset {text.index(chr(0))}), not text; "
+                          f"point it at a UTF-8 text file of stories")
+    return text
 
 
 def _clean(stories) -> list[str]:
@@ -81,10 +92,9 @@ def read_story_file(path: str | Path) -> list[str]:
     ``.parquet`` (``text`` column) file, each stripped, empty ones dropped."""
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
-    if suffix not in SUPPORTED:
+    if suffix not in SUPPORTED and not path.is_dir():
         raise ConfigError(f"{path}: unknown story file type '{suffix}'; use one of {', '.join(SUPPORTED)}")
-    if not path.is_file():
-        raise ConfigError(f"story file {path} not found; check the path (data.train_path / data.val_path / --data)")
+    _check_is_file(path)
     reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix]
     stories = reader(path)
     if not stories:
@@ -122,11 +132,9 @@ def _load_files(data_cfg: DataConfig, split: Split) -> list[str]:
 
 
 def _load_builtin(data_cfg: DataConfig, split: Split) -> list[str]:
-    # train = stories [0, n_train), val = [n_train, n_train + n_val) of one generator: disjoint
-    if split == "train":
-        return generate_stories(data_cfg.builtin_train_stories, data_cfg.builtin_seed)
-    return generate_stories(data_cfg.builtin_val_stories, data_cfg.builtin_seed,
-                            start=data_cfg.builtin_train_stories)
+    # the shipped train.txt and dev.txt (disjoint), optionally only their first N stories
+    limit = data_cfg.builtin_train_stories if split == "train" else data_cfg.builtin_val_stories
+    return builtin_stories(split, limit)
 
 
 def _load_hub(data_cfg: DataConfig, split: Split) -> list[str]:
@@ -162,8 +170,7 @@ def load_stories(data_cfg: DataConfig, split: Split) -> list[str]:
 # --- cache identity ------------------------------------------------------------------------------
 def _file_id(path: str) -> str:
     p = Path(path).expanduser().resolve()
-    if not p.is_file():
-        raise ConfigError(f"story file {p} not found; check data.train_path / data.val_path")
+    _check_is_file(p)
     st = p.stat()
     return f"{p}:{st.st_size}:{st.st_mtime_ns}"
 
@@ -172,7 +179,7 @@ def source_key(data_cfg: DataConfig, split: Split | None = None) -> str:
     """A string that changes whenever the stories of ``split`` (both splits if None) may change.
 
     Files: absolute path, size and mtime (an edited file invalidates the cache).
-    Builtin: generator version, seed and story range. Hub: dataset name and counts.
+    Builtin: corpus version and story counts. Hub: dataset name and counts.
     """
     source = resolve_source(data_cfg)
     if source == "files":
@@ -182,10 +189,9 @@ def source_key(data_cfg: DataConfig, split: Split | None = None) -> str:
         # both splits come from the one file; the cut point depends on val_fraction
         return f"files|{_file_id(data_cfg.train_path)}|val_fraction={data_cfg.val_fraction!r}"
     if source == "builtin":
-        n_train, n_val = data_cfg.builtin_train_stories, data_cfg.builtin_val_stories
-        ranges = {"train": f"0-{n_train}", "val": f"{n_train}-{n_train + n_val}"}
-        span = ranges[split] if split else f"0-{n_train}|{n_train}-{n_train + n_val}"
-        return f"builtin|v{GENERATOR_VERSION}|seed={data_cfg.builtin_seed}|{span}"
+        counts = {"train": f"train={data_cfg.builtin_train_stories}", "val": f"dev={data_cfg.builtin_val_stories}"}
+        span = counts[split] if split else f"{counts['train']}|{counts['val']}"
+        return f"builtin|{CORPUS_VERSION}|{span}"
     counts = {"train": f"train={data_cfg.hub_train_stories}", "val": f"validation={data_cfg.hub_val_stories}"}
     span = counts[split] if split else f"{counts['train']}|{counts['val']}"
     return f"hub|{data_cfg.hub_dataset}|{span}"

@@ -34,7 +34,8 @@ def resolve_device(name: str, setting: str = "train.device=") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: bf16 on CPU (AMX/AVX512-bf16 make it several times faster) and CUDA >= 8.0, fp16 on older CUDA."""
+    """``auto``: bf16 on CPUs with native bf16 (AMX/AVX512-bf16 make it faster) and CUDA >= 8.0, fp16 on older
+    CUDA, fp32 elsewhere (an AVX2-only CPU emulates bf16 matmuls: a cpu_gpt2 step is then ~30x slower)."""
     if precision != "auto":
         if precision == "fp16" and device.type != "cuda":
             raise ConfigError("train.precision=fp16 needs CUDA (GradScaler); use bf16 or fp32 on this device")
@@ -42,7 +43,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
     if device.type == "cpu":
-        return "bf16"
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     return "fp32"
 
 
