@@ -17,12 +17,16 @@ from ..nonfinite import restored_unless
 from .base import Callback
 
 
+# The state the rules move. Left out: the per-step statistics (cleared in any case), and the update
+# counter with what derives from it (the layer mirrors it on the host and seeds its sample table by it).
+RULE_STATE = ("key_store", "key_route", "usage_ema", "query_mean_ema", "query_center", "dormant_streak",
+              "key_drift", "log_tau")
+
+
 def _self_organized_state(layer) -> list[torch.Tensor]:
-    """The buffers the rules move (keys, usage, EMAs, streaks, a buffer temperature). Frozen experts and
-    the per-step statistics are left out (the update clears the statistics in any case), and so is the
-    update counter, which the layer mirrors on the host."""
-    return [b for name, b in layer.named_buffers()
-            if not name.startswith(("expert_", "stat_")) and name != "som_updates"]
+    """The layer's tensors among RULE_STATE that are buffers (a trained log_tau is the optimizer's)."""
+    buffers = dict(layer.named_buffers(recurse=False))
+    return [buffers[name] for name in RULE_STATE if name in buffers]
 
 
 class SelfOrganizeCallback(Callback):
