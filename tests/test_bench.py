@@ -146,3 +146,37 @@ def test_train_bench_reference_preset_replaces_cpu_gpt2():
     assert {r["impl"] for r in rows if not r["impl"].startswith("transformers")} == {"cpu_moe", "cpu_some"}
     some, ref = by(rows, impl="cpu_some"), by(rows, impl="cpu_moe")
     assert some["reference"] == "cpu_moe" and math.isclose(some["ratio"], some["tokens_per_s"] / ref["tokens_per_s"])
+
+
+def test_ops_bench_cli_counts_every_impl_and_path(capsys):
+    assert main(["bench", "ops", "--json", "--grid", "8:2", "--tokens", "16", "--d-model", "16", "--d-ffn", "8",
+                 "--top", "3"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert {(r["impl"], r["path"]) for r in rows} == {(i, p) for i in ("dense", "moe", "some") for p in ("host", "device")}
+    for r in rows:
+        assert r["ops"] > 0 and sum(r["top_ops"].values()) <= r["ops"] and len(r["top_ops"]) <= 3
+    some = {r["path"]: r["ops"] for r in rows if r["impl"] == "some"}
+    assert some["device"] <= 70 < some["host"]  # the per-expert loop issues ops per expert
+    assert main(["bench", "ops", "--paths", "gpu"]) == 2
+    assert "--paths" in capsys.readouterr().err
+
+
+def test_compile_bench_refuses_one_step(capsys):
+    assert main(["bench", "compile", "--steps", "1"]) == 2
+    assert "--steps" in capsys.readouterr().err
+
+
+def test_gpu_bench_dry_run_on_cpu_and_its_mfu_formula():
+    from somoe.bench.gpu import bench_gpu
+
+    notes: list[str] = []
+    rows = bench_gpu(("seed000_gpt2",), ("eager", "cudagraphs"), steps=2, warmup=1, device="cpu",
+                     overrides=TINY_MODEL, with_hf=False, notes=notes)
+    assert [r["mode"] for r in rows] == ["eager"] and "cudagraphs mode skipped" in notes[0]
+    r = rows[0]
+    # tiny seed000_gpt2: d=32, 1 layer, vocab 64 (embedding and untied head), d_ffn 64, biases, RoPE
+    d, V, F = 32, 64, 64
+    n_active = 2 * V * d + 2 * (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (d * F + F) + (F * d + d) + 2 * d
+    assert r["flops"] == 6 * n_active * 2 * 16 + 12 * 1 * d * 16 * 2 * 16
+    assert math.isclose(r["mfu"], r["flops"] / (r["ms"] / 1e3) / r["peak_flop_s"])
+    assert math.isclose(r["tokens_per_s"], 2 * 16 / (r["ms"] / 1e3)) and r["ms_p10"] <= r["ms"] <= r["ms_p90"]

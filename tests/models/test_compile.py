@@ -1,6 +1,6 @@
-"""torch.compile of a SoME model: the same losses and gradients as eager over several steps whose
-routing differs, and no frame compiled after the second step (the expert dispatch runs eagerly,
-models/dispatch.py says why)."""
+"""torch.compile of a SoME model in fp32: the same losses and gradients as eager over several steps
+whose routing differs, and no frame compiled after the first step (an fp32 expert dispatch runs
+eagerly, models/dispatch.py says why; bf16 traces whole: test_compile_fullgraph.py)."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def test_compiled_some_steps_match_eager_without_recompiling():
         assert abs(losses[0] - losses[1]) < 1e-5 * losses[0]
         assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
         compiled_frames.append(frames.frame_count)
-    # steps 0-1 compile (step 1 sees the routing tallies allocated); steps 2-3 route differently
-    # and must reuse those graphs
-    assert compiled_frames[0] > 0 and compiled_frames[3] == compiled_frames[1]
+    # step 0 compiles (the tallies are buffers allocated at construction); steps 1-3 route
+    # differently and must reuse those graphs
+    assert compiled_frames[0] > 0 and compiled_frames[3] == compiled_frames[0]
 
 
 
@@ -71,27 +71,25 @@ def _compiled_steps(preset: str, extra: list[str], total: int, steps: range) -> 
 
 
 @pytest.mark.parametrize("top_k, update_every", [(8, 2), (12, 1)])
-def test_compiled_some_recompiles_only_for_a_new_k_or_statistics_setting(top_k, update_every):
+def test_compiled_some_recompiles_only_for_a_new_statistics_setting(top_k, update_every):
     """seed000_some's top-k warm-up over 100 steps: k = 1 for steps 0-9, 1 + floor((top_k - 1) r)
-    with r = (s - 10) / 10 for steps 10-19, then top_k. Graphs are compiled at every step that
-    brings a new k (11 of them for top_k 12: more than dynamo's default limit of 8 allows), and
-    otherwise only where the statistics setting is new (gathered or not, tallies allocated or
-    not); never for the step number itself."""
+    with r = (s - 10) / 10 for steps 10-19, then top_k. A compiled forward reads k as a device mask
+    (one graph for every k); graphs are compiled only where the statistics setting is new
+    (gathered or not with update_every 2), never for a new k or the step number itself."""
     steps = range(24)
     over = [f"model.some.top_k={top_k}", f"model.some.update_every={update_every}"]
     seen = _compiled_steps("seed000_some", over, total=100, steps=steps)
-    k = [1 if s < 10 else min(top_k, 1 + int((top_k - 1) * (s - 10) / 10 + 1e-9)) for s in steps]
-    stats = [(s % update_every == 0, s > 0) for s in steps]
-    new_k = {s for s in steps if s > 0 and k[s] not in k[:s]}
+    stats = [s % update_every == 0 for s in steps]
     new_stats = {s for s in steps if s > 0 and stats[s] not in stats[:s]}
     grew = {s for s in steps if s > 0 and seen[s] > seen[s - 1]}
-    assert seen[0] > 0 and new_k <= grew <= new_k | new_stats, (sorted(grew), sorted(new_k), sorted(new_stats))
+    assert seen[0] > 0 and grew <= new_stats, (sorted(grew), sorted(new_stats))
 
 
-def test_compiled_moe_recompiles_only_when_its_noise_starts():
+def test_compiled_moe_does_not_recompile_when_its_noise_starts():
+    """The noise is multiplied by a device flag under compile: one graph before and after its start."""
     seen = _compiled_steps("cpu_moe", ["model.moe.noise_start_step=5"], total=100, steps=range(10))
     grew = [s for s in range(1, 10) if seen[s] > seen[s - 1]]
-    assert seen[0] > 0 and set(grew) <= {1, 5} and 5 in grew
+    assert seen[0] > 0 and grew == []
 
 
 def test_some_forward_reads_no_tensor_value_on_the_host():

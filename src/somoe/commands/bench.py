@@ -1,4 +1,4 @@
-"""``somoe bench layer|train|generate|memory|ops|compile``: speed against references run in the same process, and memory.
+"""``somoe bench layer|train|generate|memory|ops|compile|gpu``: speed against references run in the same process, and memory.
 
 Each prints a table (and notes, e.g. skipped ``transformers`` rows); with
 ``--json`` one object ``{"rows": [...]}`` on stdout (notes go to stderr).
@@ -12,7 +12,7 @@ import sys
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmarks (vs dense, GPT-2 and transformers)")
-    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory,ops,compile}")
+    kinds = p.add_subparsers(dest="bench_kind", required=True, metavar="{layer,train,generate,memory,ops,compile,gpu}")
 
     def common(q, reps: int):
         q.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of a table')
@@ -78,6 +78,19 @@ def register(sub) -> None:
     q.add_argument("--fullgraph", action="store_true", help="fail on the first graph break instead of counting")
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_compile)
+
+    q = kinds.add_parser("gpu", help="full-size training steps of the seed presets: eager, compiled, CUDA graphs; MFU")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--presets", default="seed000_gpt2,seed000_some,seed003_nanogpt_moe")
+    q.add_argument("--modes", default="eager,compiled,cudagraphs", help="comma list of eager, compiled, cudagraphs")
+    q.add_argument("--steps", type=int, default=10, help="timed steps per row (after --warmup)")
+    q.add_argument("--warmup", type=int, default=3)
+    q.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled mode")
+    q.add_argument("--device", default="cuda")
+    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--no-hf", action="store_true", help="skip transformers' GPT2LMHeadModel rows")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset (a CPU dry run shrinks them)")
+    q.set_defaults(func=cmd_gpu)
 
 
 def _dtypes(args) -> tuple[str, ...]:
@@ -199,3 +212,19 @@ def cmd_compile(args) -> int:
             for p in args.preset.split(",") if p for dtype in _dtypes(args)]
     notes = [f"{r['preset']} {r['dtype']}: break {reason.splitlines()[0]}" for r in rows for reason in r["break_reasons"]]
     return _emit(args, rows, compile_bench.COLUMNS, notes)
+
+
+def cmd_gpu(args) -> int:
+    from ..bench import gpu
+    from ..config import ConfigError
+
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not modes or any(m not in gpu.MODES for m in modes):
+        raise ConfigError(f"--modes {args.modes!r}: use a comma list of {', '.join(gpu.MODES)}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps {args.steps}: give at least 1")
+    _setup(args)
+    notes: list[str] = []
+    rows = gpu.bench_gpu(tuple(p for p in args.presets.split(",") if p), modes, args.steps, args.warmup, args.device,
+                         tuple(args.overrides), args.backend, not args.no_hf, notes)
+    return _emit(args, rows, gpu.COLUMNS, notes)

@@ -1,0 +1,152 @@
+"""``somoe bench gpu``: whole training steps of the seed presets at full size, in three modes, with MFU.
+
+Modes: ``eager``; ``compiled`` (``torch.compile`` of the model, default mode); ``cudagraphs``
+(``torch.compile(mode="reduce-overhead")``: the compiled forward and backward replayed as CUDA graphs;
+CUDA only). Each row reports tokens/s, MFU, peak memory and the step-time spread (p10/p50/p90 ms)
+of synchronised steps after the warm-up.
+
+MFU, written out (per optimizer step of ``B x S`` tokens, ``t`` seconds)::
+
+    MFU = (6 * N_active * B * S  +  12 * L * d * S * B * S) / (t * peak_bf16)
+
+``N_active``: the parameters one token's forward touches, counted as matmul weights: every trainable
+parameter except position embeddings, plus the ``k`` of ``E`` experts a token routes to (frozen SoME
+experts included at 6 FLOPs per weight too, as the convention counts them, although they need no
+weight gradient). ``12 * L * d * S`` per token: attention's score and value products, forward and
+backward (PaLM, appendix B; causal masking not discounted). ``peak_bf16``: the device's dense bf16
+tensor-core peak from :data:`PEAK_BF16` (no sparsity), or on other devices the measured matmul ceiling.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..train.runtime import autocast_factory
+from .common import matmul_ceiling, sync
+
+PRESETS = ("seed000_gpt2", "seed000_some", "seed003_nanogpt_moe")
+MODES = ("eager", "compiled", "cudagraphs")
+# dense bf16 tensor-core peaks (FLOP/s), from the vendor's data sheets (SXM parts; no 2:4 sparsity)
+PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+
+
+def device_peak(device: torch.device) -> tuple[float, str]:
+    """(dense bf16 peak FLOP/s, where it came from) for ``device``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAK_BF16.items():
+            if key in name:
+                return peak, f"datasheet {key}"
+    return matmul_ceiling(device, "bf16"), "measured matmul ceiling"
+
+
+def active_params(model, cfg) -> int:
+    """``N_active`` of the module docstring."""
+    n = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "pos_emb" not in name)
+    c = cfg.model
+    for ffn in model.ffns():
+        if c.ffn == "some":  # frozen experts are buffers: the k a token uses
+            n += ffn.frozen_param_count() * c.some.top_k // c.some.num_experts
+        elif c.ffn == "moe":  # trainable experts were counted whole above: keep the k of E
+            experts = sum(p.numel() for name, p in ffn.named_parameters() if name.startswith("expert_"))
+            n -= experts - experts * c.moe.top_k // c.moe.num_experts
+    return n
+
+
+def step_flops(model, cfg, batch: int, seq: int) -> int:
+    c = cfg.model
+    return 6 * active_params(model, cfg) * batch * seq + 12 * c.n_layers * c.d_model * seq * batch * seq
+
+
+def _compiled(model, mode: str, backend: str):
+    if mode == "eager":
+        return model
+    if mode == "cudagraphs":
+        return torch.compile(model, mode="reduce-overhead")
+    return torch.compile(model, backend=backend)
+
+
+def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, device: str = "cuda",
+              overrides: tuple[str, ...] = (), backend: str = "inductor", with_hf: bool = True,
+              notes: list[str] | None = None) -> list[dict]:
+    """One row per (preset, mode), plus ``transformers_gpt2@seed000_gpt2`` per mode where transformers is installed."""
+    from ..config import load_config
+    from ..models.transformer import build_model
+    from ..train.optim import build_optimizer
+    from .common import hf_available
+    from .train import hf_gpt2
+
+    dev = torch.device(device)
+    peak, peak_source = device_peak(dev)
+    amp = autocast_factory("bf16", dev)
+    rows = []
+    for preset in presets:
+        cfg = load_config(preset=preset, overrides=list(overrides))
+        builders = {preset: lambda cfg=cfg: build_model(cfg.model, dev).train()}
+        if with_hf and hf_available() and cfg.model.ffn == "dense" and cfg.model.backbone == "gpt2":
+            builders[f"transformers_gpt2@{preset}"] = lambda cfg=cfg: hf_gpt2(cfg.model, dev)
+        B, S = cfg.train.batch_size, cfg.data.seq_len
+        for mode in modes:
+            if mode == "cudagraphs" and dev.type != "cuda":
+                if notes is not None:
+                    notes.append(f"{preset}: cudagraphs mode skipped (needs CUDA)")
+                continue
+            for impl, build in builders.items():
+                torch.manual_seed(0)
+                model = build()
+                ours = hasattr(model, "ffns")
+                flops = step_flops(model, cfg, B, S) if ours else None
+                optimizer = build_optimizer(model, cfg.train, dev.type)
+                run = _compiled(model, mode, backend)
+                x = torch.randint(0, cfg.model.vocab_size, (B, S), device=dev)
+                times = _time_steps(run, model, optimizer, x, amp, ours, steps, warmup, dev)
+                row = _row(impl, preset, mode, B, S, times, flops, peak, peak_source, dev)
+                rows.append(row)
+                del model, optimizer, run
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def _time_steps(run, model, optimizer, x, amp, ours: bool, steps: int, warmup: int, dev) -> list[float]:
+    organizers = model.self_organizing_layers() if ours else []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for i in range(warmup + steps):
+        if ours:
+            model.set_progress(10_000, 10_000)  # past every warm-up: the steady state
+        sync(dev)
+        t0 = time.perf_counter()
+        with amp():
+            loss = run(x, x).loss if ours else run(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for layer in organizers:
+            layer.self_organize(10_000, 10_000)
+        sync(dev)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _row(impl, preset, mode, B, S, times, flops, peak, peak_source, dev) -> dict:
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+    p50 = statistics.median(times)
+    row = {"bench": "gpu", "impl": impl, "preset": preset, "mode": mode, "batch": B, "seq_len": S,
+           "ms": p50 * 1e3, "ms_p10": q[0] * 1e3, "ms_p90": q[-1] * 1e3, "tokens_per_s": B * S / p50,
+           "peak_flop_s": peak, "peak_source": peak_source, "device": dev.type}
+    if dev.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
+        row["device_name"] = torch.cuda.get_device_name(dev)
+    if flops:
+        row["flops"], row["mfu"] = flops, flops / p50 / peak
+    return row
+
+
+COLUMNS = ["impl", "mode", "batch", "seq_len", "ms", "ms_p10", "ms_p90", "tokens_per_s", "mfu", "peak_mem_gib"]
