@@ -7,6 +7,7 @@ import pytest
 from helpers import TINY
 from hf_helpers import KINDS, push_weights
 from somoe.config import load_config
+from somoe.hf.export import export_run
 from somoe.train.trainer import Trainer
 
 
@@ -22,3 +23,9 @@ def hf_runs(tmp_path_factory, data_cache):
         push_weights(root / name)
         runs[name] = root / name
     return runs
+
+
+@pytest.fixture(scope="session")
+def exports(hf_runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-exports")
+    return {name: export_run(run, root / name, log=lambda m: None) for name, run in hf_runs.items()}

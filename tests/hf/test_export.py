@@ -16,18 +16,11 @@ from safetensors.torch import load_file, save_file
 from hf_helpers import KINDS
 from somoe.cli import main
 from somoe.generate import GenerationConfig, generate_ids
-from somoe.hf.export import export_run
 from somoe.runs import load_run
 
 transformers = pytest.importorskip("transformers")
 SRC = Path(__file__).resolve().parents[2] / "src"
 PROMPTS = ["Once upon a time", "The little dog saw a big red ball and"]
-
-
-@pytest.fixture(scope="session")
-def exports(hf_runs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf-exports")
-    return {name: export_run(run, root / name, log=lambda m: None) for name, run in hf_runs.items()}
 
 
 def fixed_batch(vocab: int) -> torch.Tensor:
