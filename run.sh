@@ -15,7 +15,7 @@ setup() {
   if [ ! -f "$VENV/.somoe-installed" ] || [ pyproject.toml -nt "$VENV/.somoe-installed" ]; then
     # torch first, pinned to the CPU wheel this project is tested with, unless one is installed already
     "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "torch==${SOMOE_TORCH:-2.13.0}"
-    "$VENV/bin/pip" install -q -e ".[test,analysis]"
+    "$VENV/bin/pip" install -q -e ".[test,analysis,hf]"
     touch "$VENV/.somoe-installed"
   fi
 }
