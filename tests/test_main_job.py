@@ -92,6 +92,10 @@ def test_bad_data_folders_are_one_line_errors_and_touch_nothing(tmp_path, data_c
     # every file of the run (its .lock, taken and released by each attempt, aside)
     files = {p: p.read_bytes() for p in (out / "cpu_gpt2").rglob("*") if p.is_file() and p.name != ".lock"}
     stamps = {p: os.stat(p).st_mtime_ns for p in files}
+    capsys.readouterr()
+    assert main(["eval", str(out / "cpu_gpt2"), "--data", str(empty), "--device", "cpu"]) == 2  # a folder, not a file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{empty} is a directory, not a story file" in err[0]
     for name, content, needle in [("empty", b"", "holds no stories"), ("binary", b"\x00\x01\x02story", "looks binary"),
                                   ("latin", b"Caf\xe9 story\n<|endoftext|>\nMore.", "not valid UTF-8")]:
         folder = tmp_path / name

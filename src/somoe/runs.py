@@ -78,9 +78,7 @@ def run_val_stream(loaded: LoadedRun) -> TokenStream:
 
 def file_stream(path: str | Path, loaded: LoadedRun) -> TokenStream:
     """A .txt/.jsonl/.parquet file of stories (or one long text) in the run's tokens."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; pass a .txt/.jsonl/.parquet file of text")
+    path = Path(path)  # read_story_file names a missing file, a directory, binary or non-UTF-8 bytes in one line
     stream = encode_stories_for_eval(read_story_file(str(path)), loaded.tokenizer)
     if len(stream) < 2:
         raise ConfigError(f"{path} holds no text to evaluate; pass a non-empty file")
