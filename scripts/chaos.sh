@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Kill -9 a training run at random moments, resume it with --resume auto each time, and check that it
-# ends bit-identical to an uninterrupted run: every tensor of the final checkpoint and every logged
-# train and validation loss. CPU, fp32, the debug preset (a few seconds per run).
+# Kill -9 a training run at random moments of its training loop (0-3 s after it logs a new step, so
+# also during checkpoint writes), resume it with --resume auto each time, and check that it ends
+# bit-identical to an uninterrupted run: every tensor of the final checkpoint and every logged train
+# and validation loss. CPU, fp32, the debug preset (about 10 s of training per run, plus 5 s of start-up per process).
 #
 #   bash scripts/chaos.sh [RUNS] [KILLS_PER_RUN] [OUT]      (defaults: 5 runs, 2 kills each, a temp folder)
 #
@@ -13,8 +14,8 @@ KILLS=${2:-2}
 OUT=${3:-$(mktemp -d "${TMPDIR:-/tmp}/somoe-chaos.XXXXXX")}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
-ARGS=(--preset debug --no-progress train.max_steps=40 train.ckpt_every=5 train.eval_every=20 train.keep_last=0
-      train.device=cpu train.precision=fp32 train.num_threads=1 model.dropout=0.1)
+ARGS=(--preset debug --no-progress train.max_steps=120 train.ckpt_every=10 train.eval_every=40 train.log_every=1
+      train.keep_last=3 train.device=cpu train.precision=fp32 train.num_threads=1 model.dropout=0.1)
 
 echo "reference run -> $OUT/reference"
 "$PY" -m somoe.cli train "${ARGS[@]}" --out "$OUT/reference" > "$OUT/reference.log" 2>&1
@@ -41,15 +42,21 @@ sys.exit(0 if same else 1)
 EOF
 }
 
+lines() { if [ -f "$1" ]; then wc -l < "$1"; else echo 0; fi; }
+
 kills=0
 identical=0
 for i in $(seq 1 "$RUNS"); do
   run="$OUT/run$i"
   delivered=0
   for k in $(seq 1 "$KILLS"); do
+    logged=$(lines "$run/metrics.jsonl")
     "$PY" -m somoe.cli train "${ARGS[@]}" --out "$run" --resume auto >> "$OUT/run$i.log" 2>&1 &
     pid=$!
-    sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 3 + 6 * rand() }')"
+    while kill -0 "$pid" 2>/dev/null && [ "$(lines "$run/metrics.jsonl")" -le "$logged" ]; do
+      sleep 0.1  # until this process trains (imports and data preparation take a few seconds)
+    done
+    sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 3 * rand() }')"
     kill -9 "$pid" 2>/dev/null || true
     rc=0
     wait "$pid" 2>/dev/null || rc=$?
@@ -65,7 +72,8 @@ for i in $(seq 1 "$RUNS"); do
   else
     verdict="DIFFERS"
   fi
-  echo "run $i: $delivered kill(s), $verdict"
+  resumed=$(grep -o "resumed from .*step-[0-9]*" "$OUT/run$i.log" | sed 's/.*step-0*//' | paste -sd, -)
+  echo "run $i: $delivered kill(s), resumed at steps ${resumed:-none}, $verdict"
 done
 echo "chaos: $kills kill -9 delivered over $RUNS runs; $identical/$RUNS runs bit-identical to the uninterrupted one"
 [ "$identical" -eq "$RUNS" ]
