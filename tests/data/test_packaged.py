@@ -76,3 +76,10 @@ def test_a_non_editable_install_loads_the_packaged_stories(tmp_path):
     where, counts, licence = run.stdout.splitlines()
     assert Path(where) == target / "somoe"  # the installed copy, not the checkout
     assert counts == "2415 300 True" and licence == "Community Data License Agreement"
+
+
+def test_a_missing_packaged_file_is_a_one_line_error():
+    from somoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="nope.txt.xz is missing from this somoe install; reinstall somoe"):
+        read_packaged_text("nope.txt.xz")

@@ -11,9 +11,9 @@ Typical use (what the trainer does)::
 
 from .batches import TrainBatches, count_eval_targets, eval_batches
 from .cache import TokenStream, build_token_stream
-from .packaged import ATTRIBUTION, builtin_ood_text, builtin_stories
+from .packaged import ATTRIBUTION, builtin_ood_text
 from .prepare import PreparedData, encode_stories_for_eval, prepare_data
-from .sources import load_stories, read_story_file, source_key
+from .sources import builtin_stories, load_stories, read_story_file, source_key
 from .tokenizer import BPETokenizer
 
 __all__ = [

@@ -16,7 +16,6 @@ from importlib import resources
 
 from ..config import ConfigError
 
-EOT = "<|endoftext|>"
 CORPUS = "corpus"  # the folder beside this module
 FILES = {"train": "tinystories_train.txt.xz", "val": "tinystories_dev.txt.xz",
          "ood": "sherlock_holmes_adventures.txt.xz"}
@@ -37,13 +36,6 @@ def read_packaged_text(name: str) -> str:
     except FileNotFoundError:
         raise ConfigError(f"the built-in corpus file {name} is missing from this somoe install; reinstall somoe "
                           f"(pip install .) or point data.train_path / data.val_path at your own files") from None
-
-
-def builtin_stories(split: str, limit: int = 0) -> list[str]:
-    """The shipped TinyStories ``train`` or ``val`` (dev) stories, in file order; the first ``limit`` if > 0."""
-    stories = [s.strip() for s in read_packaged_text(FILES[split]).split(EOT)]
-    stories = [s for s in stories if s]
-    return stories[:limit] if limit > 0 else stories
 
 
 def builtin_ood_text() -> str:

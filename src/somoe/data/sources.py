@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import ConfigError, DataConfig
-from .packaged import CORPUS_VERSION, EOT, builtin_stories
+from .packaged import CORPUS_VERSION, FILES, read_packaged_text
 
+EOT = "<|endoftext|>"
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 Split = Literal["train", "val"]
 
@@ -50,10 +51,14 @@ def _clean(stories) -> list[str]:
     return out
 
 
-def _read_txt(path: Path) -> list[str]:
+def _split_txt(text: str) -> list[str]:
     # stories are separated by a line "<|endoftext|>"; splitting on the marker wherever it is
     # also handles files where it ends the last line of a story (it never belongs to the text)
-    return _clean(_decode_utf8(path.read_bytes(), path).split(EOT))
+    return _clean(text.split(EOT))
+
+
+def _read_txt(path: Path) -> list[str]:
+    return _split_txt(_decode_utf8(path.read_bytes(), path))
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -129,6 +134,12 @@ def _load_files(data_cfg: DataConfig, split: Split) -> list[str]:
     stories = read_story_file(data_cfg.train_path)
     n_val = _n_val_split(len(stories), data_cfg.val_fraction, data_cfg.train_path)
     return stories[:-n_val] if split == "train" else stories[-n_val:]
+
+
+def builtin_stories(split: Split, limit: int = 0) -> list[str]:
+    """The shipped TinyStories ``train`` or ``val`` (dev.txt) stories, in file order; the first ``limit`` if > 0."""
+    stories = _split_txt(read_packaged_text(FILES[split]))
+    return stories[:limit] if limit > 0 else stories
 
 
 def _load_builtin(data_cfg: DataConfig, split: Split) -> list[str]:
