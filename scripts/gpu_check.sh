@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Issue 5's GPU checks in one call on a lent GPU machine (PyTorch + CUDA, transformers; no install):
-# correctness first (the CUDA tests, scripts/gpu_validate.py), then `somoe bench` on CUDA (eager and
-# compiled training steps against seed000_gpt2, the layer at the issue's two shapes and where its step
-# waits (scripts/layer_profile.py: host or device), generation), then a short end-to-end `somoe train`
-# with `train.compile=true`. Each step has its own time limit so that
-# a slow or failing step costs only its share; results land in $OUT (default /tmp/somoe-gpu):
-# gpu.log, validate.json, layer.json, train.json, train_compiled.json, generate.json.
-#   bash scripts/gpu_check.sh            # ~6-9 minutes on an H100 (limits sum to 570 s)
-# The training benches take seed000_gpt2 as their reference (--reference), so neither builds nor
-# compiles the CPU-sized cpu_gpt2: the first session's compiled bench compiled five models and ran
-# out of its 130 s slot.
+# Every GPU measurement in one call on a lent GPU machine (PyTorch + CUDA, transformers; no install),
+# each step with its own time limit (they sum to <= 570 s) so that a slow or failing step costs only
+# its share; results land in $OUT (default /tmp/somoe-gpu) as JSON, the log in gpu.log:
+#   tests        the CUDA tests: dispatch paths, compiled and CUDA-graph losses vs eager
+#   ops.json     somoe bench ops (CPU counts of the GPU path's ops)
+#   compile.json somoe bench compile on CUDA: graph breaks, recompiles, compile time (inductor)
+#   gpu_*.json   somoe bench gpu per preset: eager / compiled / compiled + CUDA graphs, tokens/s, MFU,
+#                peak memory, step-time spread (+ transformers' GPT2LMHeadModel at seed000_gpt2's size)
+#   layer.json   somoe bench layer at seed000 width: SoME vs dense vs transformers' MoE block
+#   bash scripts/gpu_check.sh
+# A CPU dry run with tiny sizes (same steps, CPU devices, tiny overrides): DRY=1 bash scripts/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/somoe-gpu}
@@ -37,22 +37,29 @@ step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME end
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } >>"$LOG" 2>&1
-step tests 30 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py
-step validate 80 python3 scripts/gpu_validate.py --json "$OUT/validate.json"
-GPU_PRESETS=(--presets seed000_gpt2,seed000_some --reference seed000_gpt2 --dtypes bf16 --reps 10 --json)
-step train.json 60 $SOMOE bench train --device cuda "${GPU_PRESETS[@]}"
-step train_compiled.json 130 $SOMOE bench train --device cuda "${GPU_PRESETS[@]}" --compile
-step layer.json 40 $SOMOE bench layer --device cuda --grid 64:4,128:8 --dtypes bf16 --reps 20 --json
-step layer_profile 20 python3 scripts/layer_profile.py --device cuda --reps 10
-step generate.json 60 $SOMOE bench generate --device cuda --preset seed000_gpt2 --dtypes bf16 --reps 3 \
-  --new-tokens 32 --json
-step compile_profile 60 python3 scripts/compile_profile.py --preset seed000_gpt2
-step e2e 90 $SOMOE train --preset seed000_some --out /tmp/e2e data.source=builtin train.compile=true \
-  train.max_steps=40 train.eval_every=40 train.eval_batches=2 --no-progress
+DEV=cuda BACKEND=inductor STEPS=10 TINY=() GRID=128:8 LAYER_SHAPE=(--tokens 8192 --d-model 768 --d-ffn 2304)
+if [[ ${DRY:-0} == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks the script, not the GPU
+  DEV=cpu BACKEND=aot_eager STEPS=2 GRID=8:2 LAYER_SHAPE=(--tokens 64 --d-model 32 --d-ffn 16)
+  TINY=(model.d_model=32 model.n_layers=1 model.n_heads=2 model.vocab_size=64 model.max_seq_len=16 data.seq_len=16
+        train.batch_size=2 model.d_ffn=64 model.some.num_experts=8 model.some.top_k=5 model.some.d_ffn=16
+        model.moe.num_experts=4 model.moe.top_k=2 model.moe.d_ffn=16 "model.some.entropy_band=[1.0,1.5]")
+fi
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py \
+  tests/models/test_compile_fullgraph.py -k "cuda or dispatch"
+step ops.json 30 $SOMOE bench ops --json
+step compile.json 110 $SOMOE bench compile --device $DEV --backend $BACKEND --preset seed000_gpt2,seed000_some \
+  --steps 6 --json "${TINY[@]}"
+for preset in seed000_gpt2 seed000_some seed003_nanogpt_moe; do
+  modes=eager,compiled,cudagraphs
+  [[ $DEV == cpu ]] && modes=eager,compiled
+  step "gpu_$preset.json" 100 $SOMOE bench gpu --device $DEV --backend $BACKEND --presets $preset --modes $modes \
+    --steps $STEPS --json "${TINY[@]}"
+done
+step layer.json 40 $SOMOE bench layer --device $DEV --grid $GRID --dtypes bf16 --reps 10 "${LAYER_SHAPE[@]}" --json
 python3 - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-for name in ("train", "train_compiled", "layer", "generate"):
+for name in ("ops", "compile", "gpu_seed000_gpt2", "gpu_seed000_some", "gpu_seed003_nanogpt_moe", "layer"):
     p = out / f"{name}.json"
     try:
         rows = json.loads(p.read_text())["rows"]
@@ -60,7 +67,8 @@ for name in ("train", "train_compiled", "layer", "generate"):
         print(f"{name}: no rows ({type(err).__name__})")
         continue
     for r in rows:
-        keys = ("impl", "dtype", "num_experts", "top_k", "ms", "tokens_per_s", "ratio", "speedup_vs_transformers", "mfu")
+        keys = ("impl", "preset", "mode", "path", "dtype", "num_experts", "top_k", "ops", "graph_breaks", "recompiles",
+                "compile_s", "ms", "ms_p90", "tokens_per_s", "ratio", "speedup_vs_transformers", "mfu", "peak_mem_gib")
         print(name, " ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
                              for k in keys if k in r))
 EOF

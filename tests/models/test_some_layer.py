@@ -38,9 +38,7 @@ def rand(*shape, seed=1):
 
 
 def snapshot(module):
-    """Parameters and buffers, except the readout tallies (which every forward, eval included, adds to)."""
-    return {n: t.detach().clone() for n, t in [*module.named_buffers(), *module.named_parameters()]
-            if not n.startswith("_tally.")}
+    return {n: t.detach().clone() for n, t in [*module.named_buffers(), *module.named_parameters()]}
 
 
 # --- gradients -------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ def register(sub) -> None:
     q.add_argument("--backend", default="inductor", help="torch.compile backend (eager, aot_eager, inductor)")
     q.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16 (bf16 traces the expert dispatch whole)")
     q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     q.add_argument("--fullgraph", action="store_true", help="fail on the first graph break instead of counting")
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_compile)

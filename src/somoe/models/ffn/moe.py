@@ -100,7 +100,7 @@ class MoELayer(FFN):
         # 1.0 once the noise has started: a compiled forward multiplies the noise by it (one graph)
         self.register_buffer("noise_on", torch.zeros(()), persistent=False)
         self.set_progress(0, 0)
-        self._tally = RoutingTally(self.cfg.num_experts)
+        RoutingTally.attach(self, self.cfg.num_experts)
         # added to the clean logits when set (E,): upcycling's verification forces each expert in turn
         self.logit_offset: torch.Tensor | None = None
         self.init_weights()
@@ -231,6 +231,10 @@ class MoELayer(FFN):
     # --- readouts (the SoME layer's, docs/some-layer.md section 4) ---------------------------
     def reset_readouts(self) -> None:
         self._tally.reset()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._tally._apply(fn)  # the unregistered tally (RoutingTally.attach) follows .to()/.cuda()
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:

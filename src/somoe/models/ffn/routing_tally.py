@@ -14,11 +14,20 @@ from .some_rules import gate_entropy_sum
 class RoutingTally(nn.Module):
     """Routed slots per expert, gate entropy and dropped slots since the last ``reset``.
 
-    Sums are non-persistent buffers on the routing device, allocated once (no host sync per
-    forward, and a forward that adds to them is the same graph for ``torch.compile`` at every
-    step): int64 counts, float64 entropy. A submodule of its layer, so ``model.to(...)`` moves
-    it; not part of checkpoints.
+    Sums are buffers on the routing device, allocated once (no host sync per forward, and a
+    forward that adds to them is the same graph for ``torch.compile`` at every step): int64
+    counts, float64 entropy. Not a registered submodule of its layer (:meth:`attach`): the tallies
+    are per rank and per eval, not model state, so they stay out of ``state_dict``,
+    ``named_buffers`` and the cross-rank checks of the model's buffers; the layer's ``_apply``
+    moves them along with it.
     """
+
+    @classmethod
+    def attach(cls, layer: nn.Module, num_experts: int) -> "RoutingTally":
+        """A tally held by ``layer`` as ``layer._tally``, unregistered (see the class docstring)."""
+        tally = cls(num_experts)
+        object.__setattr__(layer, "_tally", tally)
+        return tally
 
     def __init__(self, num_experts: int):
         super().__init__()

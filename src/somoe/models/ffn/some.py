@@ -147,7 +147,7 @@ class SoMELayer(FFN):
         self._register_experts(E, D)
         self._register_lora(E, D)
         self.set_progress(0, 0)
-        self._tally = RoutingTally(c.num_experts)
+        RoutingTally.attach(self, c.num_experts)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
         # Host copy of ``som_updates`` (the key rules and the query-sample seeds read it): reading the
@@ -577,6 +577,10 @@ class SoMELayer(FFN):
     # --- readouts (section 4) ------------------------------------------------------------
     def reset_readouts(self) -> None:
         self._tally.reset()
+
+    def _apply(self, fn, recurse: bool = True):
+        self._tally._apply(fn)  # the unregistered tally (RoutingTally.attach) follows .to()/.cuda()
+        return super()._apply(fn, recurse)
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
