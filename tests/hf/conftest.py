@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import TINY
 from hf_helpers import KINDS, push_weights
@@ -11,13 +12,22 @@ from somoe.hf.export import export_run
 from somoe.train.trainer import Trainer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and spares the shared cores' spin-waiting threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hf_runs(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("hf-runs")
     runs = {}
     for name, (overrides, _) in KINDS.items():
-        cfg = load_config(preset="debug", overrides=TINY + [f"data.cache_dir={data_cache}", "train.max_steps=2",
-                                                             "train.eval_every=2", "model.init_std=0.1",
+        cfg = load_config(preset="debug", overrides=TINY + [f"data.cache_dir={data_cache}", "train.max_steps=1",
+                                                             "train.eval_every=1", "model.init_std=0.1",
                                                              "model.max_seq_len=64", *overrides])
         Trainer(cfg, root / name, progress=False, log=lambda m: None).fit()
         push_weights(root / name)

@@ -86,33 +86,36 @@ except ImportError:
     pass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=sys.argv[3] == "1").eval()
-tok = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=sys.argv[3] == "1")
-ids = torch.tensor(json.loads(sys.argv[4]))
-with torch.no_grad():
-    logits = model(ids).logits
-print(json.dumps({"logits": logits.tolist(), "prompt": tok("Once upon a time")["input_ids"],
-                  "modules": sorted(m.split(".")[0] for m in sys.modules)}))
+out = {}
+for folder, remote, ids in json.loads(sys.argv[2]):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=remote).eval()
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+    with torch.no_grad():
+        logits = model(torch.tensor(ids)).logits
+    out[folder] = {"logits": logits.tolist(), "prompt": tok("Once upon a time")["input_ids"]}
+out["modules"] = sorted(m.split(".")[0] for m in sys.modules)
+print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("kind", ["gpt2_dense", "smollm_dense", "smollm_moe", "gpt2_some"])
-def test_export_loads_with_transformers_alone_offline(kind, hf_runs, exports, tmp_path):
-    exported = exports[kind]
-    loaded = load_run(hf_runs[kind], device="cpu")
-    ids = fixed_batch(loaded.cfg.model.vocab_size)
+def test_every_export_loads_with_transformers_alone_offline(hf_runs, exports, tmp_path):
+    """One subprocess without somoe on its path (``python -I``, somoe's src/ removed), offline."""
+    loaded = {kind: load_run(hf_runs[kind], device="cpu") for kind in KINDS}
+    batches = {kind: fixed_batch(run.cfg.model.vocab_size) for kind, run in loaded.items()}
+    jobs = [(str(exports[k].out), exports[k].trust_remote_code, batches[k].tolist()) for k in KINDS]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(SRC), str(exported.out),
-                           "1" if exported.trust_remote_code else "0", json.dumps(ids.tolist())],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED, str(SRC), json.dumps(jobs)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "somoe" not in result["modules"]
-    with torch.no_grad():
-        ours = loaded.model(ids).logits
-    assert (ours - torch.tensor(result["logits"])).abs().max() < 1e-4
-    assert result["prompt"] == [loaded.tokenizer.eos_id] + loaded.tokenizer.encode("Once upon a time")
+    for kind in KINDS:
+        got = result[str(exports[kind].out)]
+        with torch.no_grad():
+            ours = loaded[kind].model(batches[kind]).logits
+        assert (ours - torch.tensor(got["logits"])).abs().max() < 1e-4, kind
+        assert got["prompt"] == [2] + loaded[kind].tokenizer.encode("Once upon a time")
 
 
 def test_tampered_expert_fails_the_hash_check_on_load(exports, tmp_path):
@@ -152,12 +155,12 @@ def test_export_command_refuses_bad_input_and_writes_nothing(hf_runs, tmp_path, 
     assert "has no checkpoints" in capsys.readouterr().err and not out.exists()
     assert main(["export", str(run), str(out), "--step", "99"]) == 2
     assert "no checkpoint for step 99" in capsys.readouterr().err and not out.exists()
-    assert main(["export", str(run), str(out), "--step", "2"]) == 0
-    assert "`step-00000002`" in (out / "README.md").read_text()
+    assert main(["export", str(run), str(out), "--step", "1"]) == 0
+    assert "`step-00000001`" in (out / "README.md").read_text()
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
     assert main(["export", str(run), str(out)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
     assert main(["export", str(run), str(out), "--force"]) == 0
-    assert "`step-00000003`" in (out / "README.md").read_text()
+    assert "`step-00000002`" in (out / "README.md").read_text()
     assert not (tmp_path / "out.tmp").exists()
