@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from ..train.runtime import autocast_factory
 from .common import matmul_ceiling, sync
+from .train import _step, hf_gpt2
 
 PRESETS = ("seed000_gpt2", "seed000_some", "seed003_nanogpt_moe")
 MODES = ("eager", "compiled", "cudagraphs")
@@ -77,11 +77,9 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
     from ..models.transformer import build_model
     from ..train.optim import build_optimizer
     from .common import hf_available
-    from .train import hf_gpt2
 
     dev = torch.device(device)
     peak, peak_source = device_peak(dev)
-    amp = autocast_factory("bf16", dev)
     rows = []
     for preset in presets:
         cfg = load_config(preset=preset, overrides=list(overrides))
@@ -102,7 +100,7 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
                 optimizer = build_optimizer(model, cfg.train, dev.type)
                 run = _compiled(model, mode, backend)
                 x = torch.randint(0, cfg.model.vocab_size, (B, S), device=dev)
-                times = _time_steps(run, model, optimizer, x, amp, ours, steps, warmup, dev)
+                times = _time_steps(run, model, optimizer, x, ours, steps, warmup, dev)
                 row = _row(impl, preset, mode, B, S, times, flops, peak, peak_source, dev)
                 rows.append(row)
                 del model, optimizer, run
@@ -111,24 +109,19 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
     return rows
 
 
-def _time_steps(run, model, optimizer, x, amp, ours: bool, steps: int, warmup: int, dev) -> list[float]:
-    organizers = model.self_organizing_layers() if ours else []
+def _time_steps(run, model, optimizer, x, ours: bool, steps: int, warmup: int, dev) -> list[float]:
+    """Synchronised wall seconds of ``steps`` training steps (``bench train``'s step) after ``warmup``."""
+    if ours:
+        model.set_progress(10_000, 10_000)  # past every warm-up: the steady state
+    loss_fn = (lambda: run(x, x).loss) if ours else (lambda: run(input_ids=x, labels=x).loss)
+    train_step = _step(loss_fn, model, optimizer, "bf16", dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for i in range(warmup + steps):
-        if ours:
-            model.set_progress(10_000, 10_000)  # past every warm-up: the steady state
         sync(dev)
         t0 = time.perf_counter()
-        with amp():
-            loss = run(x, x).loss if ours else run(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        for layer in organizers:
-            layer.self_organize(10_000, 10_000)
+        train_step()
         sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
