@@ -10,8 +10,9 @@ per-token Python.
 **Expert groups.** ``expert_fn(x_SD, counts)`` gets the sorted token copies and
 ``counts`` (slots per expert): on CPU a :class:`Groups` (a ``list[int]``, one
 host sync per forward, that also carries the sorted gates so that
-:func:`grouped_mlp` applies them inside its autograd function); on CUDA with bf16 compute a
-device tensor, and every expert op is one grouped matmul (``F.grouped_mm``;
+:func:`grouped_mlp` applies them inside its autograd function); on CUDA with bf16 compute (and
+anywhere under :func:`static_dispatch` or a bf16 ``torch.compile``) :class:`DeviceGroups`
+(device-side offsets, computed once per layer), and every expert op is one grouped matmul (``F.grouped_mm``;
 ``torch._grouped_mm`` before torch 2.10) over the
 offsets: no ``.item()``/``.tolist()`` in the hot path, capturable in a CUDA
 graph. :func:`grouped_mlp` and :func:`grouped_swiglu` accept both.
@@ -48,7 +49,6 @@ from typing import Callable, Iterator, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
-
 
 
 class DeviceGroups(NamedTuple):
@@ -183,7 +183,10 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     if grouped is None:
         grouped = _STATIC or grouped_mm_available(x_TD.device, dt)
     if torch.compiler.is_compiling():
-        # traced whole (no host value, fixed shapes) where the grouped matmul traces: bf16 compute
+        # traced whole (no host value, fixed shapes) where the grouped matmul traces: bf16 compute.
+        # Compiled with inductor this path once gave wrong gradients on an H100 (torch 2.11: a
+        # seed000_some step's gradients 85% off eager's while the loss matched); the CUDA test
+        # test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda checks it on every GPU run
         if dt == torch.bfloat16 and _grouped_mm is not None:
             return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True, counts_E)
         return _dispatch_eager(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
