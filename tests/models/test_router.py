@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from somoe.models.ffn.some import cosine_scores
+from somoe.models.ffn.some_router import cosine_scores
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.5, "tensor"])
