@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Kill -9 a training run at random moments of its training loop (0-3 s after it logs a new step, so
-# also during checkpoint writes), resume it with --resume auto each time, and check that it ends
-# bit-identical to an uninterrupted run: every tensor of the final checkpoint and every logged train
-# and validation loss. CPU, fp32, the debug preset (about 10 s of training per run, plus 5 s of start-up per process).
+# Kill -9 a training run at random moments of its training loop (at a random step 1-40 steps past the
+# previous kill, plus 0-0.5 s, so also during checkpoint writes), resume it with --resume auto each time,
+# and check that it ends bit-identical to an uninterrupted run: every tensor of the final checkpoint and
+# every logged train and validation loss. CPU, fp32, the debug preset at 120 steps (about 10 s of
+# training per run on an idle core, plus a few seconds of start-up per process).
 #
 #   bash scripts/chaos.sh [RUNS] [KILLS_PER_RUN] [OUT]      (defaults: 5 runs, 2 kills each, a temp folder)
 #
@@ -53,10 +54,11 @@ for i in $(seq 1 "$RUNS"); do
     logged=$(lines "$run/metrics.jsonl")
     "$PY" -m somoe.cli train "${ARGS[@]}" --out "$run" --resume auto >> "$OUT/run$i.log" 2>&1 &
     pid=$!
-    while kill -0 "$pid" 2>/dev/null && [ "$(lines "$run/metrics.jsonl")" -le "$logged" ]; do
-      sleep 0.1  # until this process trains (imports and data preparation take a few seconds)
+    target=$((logged + 1 + RANDOM % 40))  # metrics.jsonl gets a line per step (and per eval)
+    while kill -0 "$pid" 2>/dev/null && [ "$(lines "$run/metrics.jsonl")" -lt "$target" ]; do
+      sleep 0.05  # a random step rather than a random time: the same spread on a loaded machine
     done
-    sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 3 * rand() }')"
+    sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 0.5 * rand() }')"
     kill -9 "$pid" 2>/dev/null || true
     rc=0
     wait "$pid" 2>/dev/null || rc=$?
@@ -72,7 +74,7 @@ for i in $(seq 1 "$RUNS"); do
   else
     verdict="DIFFERS"
   fi
-  resumed=$(grep -o "resumed from .*step-[0-9]*" "$OUT/run$i.log" | sed 's/.*step-0*//' | paste -sd, -)
+  resumed=$(grep -o "resumed from .*step-[0-9]*" "$OUT/run$i.log" | sed 's/.*step-0*//' | paste -sd, - || true)
   echo "run $i: $delivered kill(s), resumed at steps ${resumed:-none}, $verdict"
 done
 echo "chaos: $kills kill -9 delivered over $RUNS runs; $identical/$RUNS runs bit-identical to the uninterrupted one"
