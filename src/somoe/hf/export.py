@@ -99,6 +99,7 @@ def write_tokenizer(folder: Path, loaded: LoadedRun) -> None:
     tok.save(str(folder / "tokenizer.json"))
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", **SPECIALS,
                 "model_max_length": loaded.cfg.model.max_seq_len, "padding_side": "left",
+                "model_input_names": ["input_ids", "attention_mask"],  # 4.x would add token_type_ids
                 "clean_up_tokenization_spaces": False}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(SPECIALS, indent=2) + "\n", encoding="utf-8")
