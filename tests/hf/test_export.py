@@ -66,6 +66,18 @@ def test_greedy_generate_gives_somoe_generates_tokens(kind, hf_runs, exports):
         assert out[:, enc["input_ids"].shape[1]:].tolist() == ours
 
 
+@pytest.mark.parametrize("kind", ["gpt2_dense_rope", "gpt2_some"])
+def test_remote_code_forward_reads_positions_from_a_left_padded_mask(kind, exports):
+    """Without position_ids, a left-padded row computes what the same tokens compute unpadded."""
+    model = load_hf(exports[kind])
+    ids = fixed_batch(model.config.vocab_size)[:1, :20]
+    padded = torch.cat([torch.full((1, 5), 1), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 20, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        alone, with_pad = model(ids).logits, model(padded, attention_mask=mask).logits[:, 5:]
+    assert (alone - with_pad).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["gpt2_dense", "smollm_moe", "gpt2_some"])
 def test_text_generation_pipeline_runs(kind, exports):
     exported = exports[kind]
