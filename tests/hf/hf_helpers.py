@@ -26,6 +26,7 @@ KINDS = {  # name -> (overrides, the transformers class the export must use; Non
     "smollm_moe_capacity": (SMOLLM + MOE + ["model.moe.capacity_factor=1.0"], None),
     "gpt2_some": (SOME, None),
     "smollm_some": (SMOLLM + SOME + ["model.some.query_net=mlp", "model.some.center_queries=true"], None),
+    "gpt2_some_bf16": (SOME + ["model.some.expert_dtype=bf16"], None),  # stored and computed in bf16
     "gpt2_some_lora": (SOME + ["model.some.lora_rank=2", "model.some.layer_scale=0.5",
                                "model.some.learnable_tau=true", "model.some.score=dot",
                                "model.some.key_norm=false"], None),

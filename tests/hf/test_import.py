@@ -16,7 +16,7 @@ from somoe.runs import load_run
 from somoe.train.trainer import Trainer
 
 import transformers  # the [hf] extra: installed by run.sh, so these tests run (never skip) in CI
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 TEXT = ["Once upon a time there was a little dog.", "The cat sat on the mat and looked at the sun.",
         "Tom and Lily went to the park to play with a red ball."] * 20

@@ -138,8 +138,8 @@ class DenseFFN(nn.Module):
         return self.fc_out(h)
 
 
-def frozen(*shape):
-    return nn.Parameter(torch.zeros(shape), requires_grad=False)
+def frozen(*shape, dtype=None):
+    return nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
 
 
 def combine(x_TD, idx_TK, gates_TK, expert_fn, num_experts):
@@ -217,11 +217,11 @@ class SoMEFFN(nn.Module):
         self.query_center = frozen(D) if c.get("center_queries") else None
         self.log_tau = frozen() if c.get("log_tau") else None
         self.out_scale = nn.Parameter(torch.zeros(D)) if c.get("layer_scale") else None
-        self.expert_w1, self.expert_w2 = frozen(E, D, H), frozen(E, H, D)
-        self.expert_b1 = frozen(E, H) if c.get("expert_bias") else None
-        self.expert_b2 = frozen(E, D) if c.get("expert_bias") else None
+        dtype = getattr(torch, c.get("expert_dtype", "float32"))  # stored and computed at the exported dtype
+        self.expert_w1, self.expert_w2 = frozen(E, D, H, dtype=dtype), frozen(E, H, D, dtype=dtype)
+        self.expert_b1 = frozen(E, H, dtype=dtype) if c.get("expert_bias") else None
+        self.expert_b2 = frozen(E, D, dtype=dtype) if c.get("expert_bias") else None
         r = c.get("lora_rank", 0)
-        self.lora = None
         if r:
             self.lora_a1, self.lora_b1 = nn.Parameter(torch.zeros(E, D, r)), nn.Parameter(torch.zeros(E, r, H))
             self.lora_a2, self.lora_b2 = nn.Parameter(torch.zeros(E, H, r)), nn.Parameter(torch.zeros(E, r, D))
