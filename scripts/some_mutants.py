@@ -3,7 +3,7 @@ and tests/ (the working tree is never edited), then the reference test and the o
 
     python scripts/some_mutants.py [MUTANT ...]      (default: all; prints killed / SURVIVED per mutant)
 
-A mutant whose original line is no longer in some.py is reported as "line not found": update its text.
+A mutant whose original line is in neither some.py nor some_router.py is reported as "line not found": update its text.
 """
 import os
 import pathlib
@@ -47,17 +47,19 @@ def run(tests: list[str]) -> str:
 def main(only: list[str]) -> None:
     shutil.copytree(MAIN / "src", WORK / "src")
     shutil.copytree(MAIN / "tests", WORK / "tests")
-    target = WORK / "src/somoe/models/ffn/some.py"
-    pristine = target.read_text()
+    files = [WORK / "src/somoe/models/ffn" / name for name in ("some.py", "some_router.py")]
+    pristine = {f: f.read_text() for f in files if f.is_file()}
     baseline = run(["tests/models/test_some_reference.py"])
     print("unmutated reference test:", "passes" if baseline == "SURVIVED" else "FAILS", flush=True)
     for name, (old, new) in MUTANTS.items():
         if only and name not in only:
             continue
-        if pristine.count(old) != 1:
+        target = next((f for f, text in pristine.items() if text.count(old) == 1), None)
+        if target is None:
             print(f"{name}: line not found", flush=True)
             continue
-        target.write_text(pristine.replace(old, new))
+        for f, text in pristine.items():
+            f.write_text(text.replace(old, new) if f == target else text)
         new_test = run(["tests/models/test_some_reference.py"])
         older = run(["tests/models/test_some_layer.py", "tests/models/test_some_rules.py"])
         print(f"{name}: reference test {new_test} | previous SoME tests {older}", flush=True)
