@@ -20,10 +20,10 @@ class CountingDense(DenseFFN):
         self.register_buffer("tokens_seen", torch.zeros(1))
         self.applied: list[tuple[int, float]] = []
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, valid_BT=None):
         if self.training and not in_recompute():
             self.tokens_seen += x_BTD.shape[0] * x_BTD.shape[1]
-        return super().forward(x_BTD)
+        return super().forward(x_BTD, valid_BT)
 
     def som_statistics(self):
         return [self.tokens_seen]
