@@ -17,13 +17,14 @@ def quiet(cfg, run_dir, **kw):
 
 def test_loss_falls_and_run_folder_is_complete(tmp_path, data_cache):
     run = tmp_path / "run"
-    cfg = tiny_config(data_cache, "train.max_steps=40", "train.eval_every=20", "train.lr=1e-2")
+    cfg = tiny_config(data_cache, "train.max_steps=60", "train.eval_every=30", "train.lr=1e-2")
     quiet(cfg, run).fit()
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
-    assert len(train) == 40 and len(evals) == 2
-    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 1.0  # at least a nat lower
+    assert len(train) == 60 and len(evals) == 2
+    # at least a nat lower (60 steps: on real stories the tiny model needs ~45 to get there)
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 1.0
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
     write_report(run)
     for name in ("config.yaml", "params.json", "tokenizer.json", "summary.txt", "metrics.png"):
