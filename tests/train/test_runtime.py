@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from somoe.train.runtime import resolve_precision
 
 # allocates, touches and frees a 64 MiB tensor 24 times; prints whether the setting was applied and
 # the page faults of each round (the first rounds may grow the heap until its layout settles)
@@ -45,3 +48,11 @@ def test_kept_memory_is_reused_without_page_faults():
     assert applied and faults_kept < pages / 10  # the heap's pages stay mapped and are reused
     applied, faults_opt_out = _churn("keep", env_value="0")
     assert not applied and faults_opt_out > 0.9 * pages
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16_support(monkeypatch, native_bf16, expected):
+    # an AVX2-only CPU emulates bf16 matmuls (~30x slower than fp32): auto must not pick it there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bf16)
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # an explicit choice is kept
