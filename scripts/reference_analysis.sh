@@ -32,8 +32,8 @@ import sys
 from pathlib import Path
 
 from somoe.config import ConfigError, load_config
-from somoe.sweeps import run_status
-from somoe.sweeps.runner import check_same_config
+from somoe.experiments.sweeps import run_status
+from somoe.experiments.sweeps.runner import check_same_config
 
 run = Path(sys.argv[1])
 try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from somoe.config import ModelConfig
-from somoe.generate import GenerationConfig, filter_logits, generate_ids, generate_text, interactive, sample_next
+from somoe.generate.sampling import GenerationConfig, filter_logits, generate_ids, generate_text, interactive, sample_next
 from somoe.models import build_model
 
 VOCAB, EOS, PAD = 50, 0, 1

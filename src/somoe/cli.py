@@ -67,7 +67,7 @@ def cmd_train(args) -> int:
     cfg = _load(args)
     if args.dry_run:
         return cmd_params(argparse.Namespace(**{**vars(args), "json": False}))
-    from .report import write_report
+    from .report.summary import write_report
     from .train.dist import cleanup
     from .train.trainer import Trainer
 
@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import evaluate_run
+    from .evaluate.scoring import evaluate_run
 
     result = evaluate_run(args.run, data=args.data, adapt=args.adapt, max_batches=args.batches,
                           which=args.checkpoint, device=args.device)
@@ -104,8 +104,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import GenerationConfig, generate_text, interactive
-    from .runs import load_run
+    from .generate.sampling import GenerationConfig, generate_text, interactive
+    from .evaluate.runs import load_run
 
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, greedy=args.greedy, seed=args.seed)  # bad settings fail before loading
@@ -121,14 +121,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .report.summary import write_report
 
     print(write_report(Path(args.run)), end="")
     return 0
 
 
 def cmd_quickstart(args) -> int:
-    from .quickstart import run_quickstart
+    from .experiments.quickstart import run_quickstart
 
     return run_quickstart(args)
 

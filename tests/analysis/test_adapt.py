@@ -7,9 +7,9 @@ import json
 import torch
 
 from somoe.analysis.adaptation import run_mode, som_state, split_shift
-from somoe.runs import file_stream, run_val_stream
+from somoe.evaluate.runs import file_stream, run_val_stream
 from somoe.cli import main
-from somoe.runs import load_run
+from somoe.evaluate.runs import load_run
 
 SHIFT_TEXT = "\n".join(  # a different register from the built-in stories: ledgers and dates
     f"Ledger entry {i}: the quarterly account of {1800 + i} recorded {i * 37 % 101} guineas, "

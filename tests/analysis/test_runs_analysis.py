@@ -12,11 +12,11 @@ import torch
 from somoe.analysis.compare import compare_runs
 from somoe.analysis.keys import load_run_keys, select_checkpoints
 from somoe.analysis.specialization import LayerRouting, expert_tokens, route_counts
-from somoe.runs import run_val_stream
-from somoe.analysis.usage import gini
+from somoe.evaluate.runs import run_val_stream
+from somoe.models.ffn.usage import gini
 from somoe.cli import main
-from somoe.report import read_metrics
-from somoe.runs import load_run
+from somoe.report.summary import read_metrics
+from somoe.evaluate.runs import load_run
 
 
 def test_analyze_writes_report_figures_and_raw_numbers(some_run, tmp_path):
@@ -60,7 +60,7 @@ def test_route_counts_match_the_forward_routing(some_run):
 def test_loading_a_run_applies_trainings_backend_settings(some_run, monkeypatch):
     """eval, generate and the analyses go through load_run: they get the allocator setting that
     training and the benchmarks run with (keep_freed_cpu_memory on the CPU)."""
-    import somoe.runs as runs_module
+    import somoe.evaluate.runs as runs_module
 
     seen = []
     monkeypatch.setattr(runs_module, "setup_backends", lambda device, *a: seen.append(device))

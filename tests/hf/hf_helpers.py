@@ -8,7 +8,7 @@ import torch
 
 from helpers import TINY
 from somoe.config import load_config
-from somoe.runs import load_run
+from somoe.evaluate.runs import load_run
 from somoe.train.checkpoint import read_trainer_state, save_checkpoint
 from somoe.train.trainer import Trainer
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from hf_helpers import KINDS
 from somoe.cli import main
-from somoe.generate import GenerationConfig, generate_ids
-from somoe.runs import load_run
+from somoe.generate.sampling import GenerationConfig, generate_ids
+from somoe.evaluate.runs import load_run
 
 import transformers  # the [hf] extra: installed by run.sh, so these tests run (never skip) in CI
 SRC = Path(__file__).resolve().parents[2] / "src"

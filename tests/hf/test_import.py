@@ -10,9 +10,9 @@ import torch
 
 from somoe.cli import main
 from somoe.config import load_config
-from somoe.evaluation import evaluate_run
-from somoe.generate import GenerationConfig, generate_text
-from somoe.runs import load_run
+from somoe.evaluate.scoring import evaluate_run
+from somoe.generate.sampling import GenerationConfig, generate_text
+from somoe.evaluate.runs import load_run
 from somoe.train.trainer import Trainer
 
 import transformers  # the [hf] extra: installed by run.sh, so these tests run (never skip) in CI

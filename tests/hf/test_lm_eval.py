@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from somoe.evaluation import evaluate_run
-from somoe.runs import load_run
+from somoe.evaluate.scoring import evaluate_run
+from somoe.evaluate.runs import load_run
 
 import lm_eval  # noqa: F401  (the [hf] extra: installed by run.sh, so this test runs in CI)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lm_eval"

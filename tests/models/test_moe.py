@@ -16,7 +16,7 @@ from somoe.models.ffn.dense import DenseFFN
 from somoe.models.ffn.moe import MoELayer, capacity_keep, cv_squared
 from somoe.models.sizing import count_params
 from somoe.train.optim import build_optimizer
-from somoe.upcycle import copy_dense_into_experts
+from somoe.experiments.upcycle import copy_dense_into_experts
 
 D = 12
 

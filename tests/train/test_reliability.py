@@ -12,8 +12,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from helpers import tiny_config
-from somoe.eval import EvalResult
-from somoe.runs import load_run, resolve_checkpoint
+from somoe.metrics import EvalResult
+from somoe.evaluate.runs import load_run, resolve_checkpoint
 from somoe.train import checkpoint as ckpt_module
 from somoe.train import trainer as trainer_module
 from somoe.train.checkpoint import CheckpointError, check_checkpoint, list_checkpoints, read_best, read_trainer_state
@@ -194,7 +194,7 @@ def test_second_writer_gets_the_holders_pid_and_a_killed_holder_frees_the_folder
 
 # --- a torn metrics.jsonl -------------------------------------------------------------------------
 def test_torn_last_metrics_line_is_skipped_by_resume_and_report(tmp_path, data_cache, capsys):
-    from somoe.report import summarize_run
+    from somoe.report.summary import summarize_run
 
     run = tmp_path / "r"
     cfg = tiny_config(data_cache, "train.max_steps=2", "train.eval_every=0")

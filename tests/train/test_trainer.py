@@ -5,7 +5,7 @@ import json
 import torch
 
 from helpers import tiny_config
-from somoe.report import summarize_run, write_report
+from somoe.report.summary import summarize_run, write_report
 from somoe.train.optim import lr_at
 from somoe.train.trainer import Trainer
 from somoe.config import TrainConfig

@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError
 from ..data import TokenStream, eval_batches
 from ..data.batches import eval_windows
-from ..runs import LoadedRun, load_run
+from ..evaluate.runs import LoadedRun, load_run
 
 MODES = ("frozen", "active")
 
@@ -79,7 +79,7 @@ def som_state(model) -> dict[str, torch.Tensor]:
 
 
 def _score(loaded: LoadedRun, batches: list, adapt: bool, on_batch=None) -> dict:
-    from ..evaluation import evaluate_loaded
+    from ..evaluate.scoring import evaluate_loaded
 
     result = evaluate_loaded(loaded, batches, adapt=adapt, on_batch=on_batch)
     return {"loss": result.loss, "ppl": result.ppl, "bpb": result.bpb, "tokens": result.tokens}
@@ -140,7 +140,7 @@ def run_adaptation(run: str | Path, shift_data: str | None = None, out: str | Pa
     ``shift_data`` None: the built-in out-of-domain text (The Adventures of Sherlock Holmes)."""
     from ..data import builtin_ood_text, encode_stories_for_eval
     from ..data.packaged import OOD_NAME
-    from ..runs import file_stream, run_val_stream
+    from ..evaluate.runs import file_stream, run_val_stream
 
     first = load_run(run, device=device, which=which)
     in_stream = file_stream(in_data, first) if in_data else run_val_stream(first)

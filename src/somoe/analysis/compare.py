@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..config import ConfigError
-from ..report import comparison_table, read_metrics, summarize_run
+from ..report.summary import comparison_table, read_metrics, summarize_run
 from .plots import pyplot, save
 
 

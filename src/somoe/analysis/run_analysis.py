@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..report import read_metrics
+from ..report.summary import read_metrics
 from . import plots
 from .galaxy import (CENTER_FACTOR, cluster_keys, cluster_usage, dormancy_history, galactic_centers, pca_2d,
                      tsne_2d)
@@ -91,7 +91,7 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path |
 
 
 def _specialization(run_dir: Path, data: str | None, batches: int, device: str, log) -> dict:
-    from ..runs import file_stream, load_run, run_val_stream
+    from ..evaluate.runs import file_stream, load_run, run_val_stream
     from .specialization import expert_tokens, route_counts
 
     loaded = load_run(run_dir, device=device)

@@ -4,7 +4,7 @@ Both models have the GPT-2 preset's shape and random weights (bf16 rows: weights
 cast to bf16, as inference is run; no autocast), decode
 greedily for exactly ``new_tokens`` tokens (no EOS stop) from the same
 random prompts. The reference is ``transformers``' ``generate``; ours is
-``somoe.generate.generate_ids``.
+``somoe.generate.sampling.generate_ids``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def bench_generate(preset: str = "cpu_gpt2", dtypes=("fp32", "bf16"), batch: int
                    new_tokens: int = 64, reps: int = 3, device: str = "cpu", overrides: tuple[str, ...] = (),
                    notes: list[str] | None = None) -> list[dict]:
     from ..config import load_config
-    from ..generate import GenerationConfig
+    from ..generate.sampling import GenerationConfig
     from ..models.transformer import build_model
 
     dev = torch.device(device)
@@ -65,7 +65,7 @@ def _decode_flops(model_cfg, batch: int, prompt_len: int, new_tokens: int) -> in
 
 @torch.no_grad()
 def _ours(model, prompts, gen):
-    from ..generate import generate_ids
+    from ..generate.sampling import generate_ids
 
     out = generate_ids(model, prompts, gen, eos_id=-1, pad_id=0)
     assert all(len(row) == gen.max_new_tokens for row in out)

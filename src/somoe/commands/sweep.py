@@ -5,8 +5,8 @@ from __future__ import annotations
 
 def cmd_sweep(args) -> int:
     from ..config import ConfigError
-    from ..quickstart import data_overrides
-    from ..sweeps import list_sweeps, load_sweep, run_status, run_sweep
+    from ..experiments.quickstart import data_overrides
+    from ..experiments.sweeps import list_sweeps, load_sweep, run_status, run_sweep
 
     if not (args.list or args.sweep):
         raise ConfigError("name a sweep file or a shipped sweep; `somoe sweep --list` shows the shipped ones")

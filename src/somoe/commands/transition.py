@@ -18,7 +18,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..config import ConfigError, load_config
-    from ..transition import run_transition
+    from ..experiments.transition import run_transition
 
     if not (args.preset or args.config):
         raise ConfigError("somoe transition needs --preset (e.g. cpu_transition) or --config FILE")

@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..upcycle import upcycle_run
+    from ..experiments.upcycle import upcycle_run
 
     result = upcycle_run(args.run, args.out, args.experts, args.top_k, args.overrides, args.checkpoint,
                          args.probe_sequences, args.tolerance, args.device)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..runs import LoadedRun
+from ..evaluate.runs import LoadedRun
 
 SEEDS = {
     "some": "seed 000, \"SoME vs GPT-2 (Transformer Baseline) on TinyStories\" (Self-Organizing Mixture of Experts)",

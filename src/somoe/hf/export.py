@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, processors
 
 from ..config import ConfigError
-from ..runs import LoadedRun, load_run, tokenizer_file
+from ..evaluate.runs import LoadedRun, load_run, tokenizer_file
 from ..train.checkpoint import CheckpointError
 from . import mapping
 from .card import model_card

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig, save_config
 from ..data import TrainBatches, eval_batches, prepare_data
-from ..eval import evaluate
+from ..metrics import evaluate
 from ..models import IGNORE_INDEX, build_model
 from .callbacks import Callback, CheckpointCallback, MetricsLogger, SelfOrganizeCallback
 from .checkpoint import (check_tokenizer, find_resumable, list_checkpoints, load_config_from, load_model_state,

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ...analysis.usage import entropy_bits, gini
+from .usage import entropy_bits, gini
 from .some_rules import gate_entropy_sum
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from ..config import ConfigError, load_config
 
 MAIN_JOB_PRESETS = ("cpu_gpt2", "cpu_some", "cpu_moe")
 BASELINE, CANDIDATE = "cpu_gpt2", "cpu_some"  # the verdict compares these two when both ran
@@ -47,8 +47,8 @@ def data_overrides(folder: str | None) -> list[str]:
 
 
 def train_preset(preset: str, run_dir: Path, overrides: list[str]):
-    from .report import write_report
-    from .train.trainer import Trainer
+    from ..report.summary import write_report
+    from ..train.trainer import Trainer
 
     cfg = load_config(preset=preset, overrides=overrides)
     trainer = Trainer(cfg, run_dir, resume="auto")
@@ -63,7 +63,7 @@ def train_preset(preset: str, run_dir: Path, overrides: list[str]):
 
 def active_flops_per_token(model_cfg) -> float:
     """Forward FLOPs per token of the experts a token actually uses (top-k only), from the config."""
-    from .bench.train import model_flops
+    from ..bench.train import model_flops
 
     seq = model_cfg.max_seq_len
     return model_flops(model_cfg, 1, seq, backward=False) / seq
@@ -71,8 +71,8 @@ def active_flops_per_token(model_cfg) -> float:
 
 def plot_bpb_curves(run_dirs: list[Path], labels: list[str], path: Path) -> Path:
     """Validation bits per byte against tokens seen, one line per run, in one PNG."""
-    from .analysis.plots import pyplot, save
-    from .report import read_metrics
+    from ..analysis.plots import pyplot, save
+    from ..report.summary import read_metrics
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -111,8 +111,8 @@ def routing_line(name: str, summary: dict) -> str | None:
 
 
 def run_quickstart(args) -> int:
-    from .generate import GenerationConfig, generate_text
-    from .report import comparison_table, summarize_run
+    from ..generate.sampling import GenerationConfig, generate_text
+    from ..report.summary import comparison_table, summarize_run
 
     presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
     if args.moe and MOE_PRESET not in presets:

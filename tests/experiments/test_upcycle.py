@@ -11,11 +11,11 @@ import torch
 from helpers import TINY
 from somoe.cli import main
 from somoe.config import ConfigError, load_config
-from somoe.evaluation import evaluate_run
+from somoe.evaluate.scoring import evaluate_run
 from somoe.models import build_model
-from somoe.runs import load_run
+from somoe.evaluate.runs import load_run
 from somoe.train.trainer import Trainer
-from somoe.upcycle import expert_groups, moe_config, random_probe, upcycle_model, verify
+from somoe.experiments.upcycle import expert_groups, moe_config, random_probe, upcycle_model, verify
 
 BACKBONES = {
     "gpt2": [],

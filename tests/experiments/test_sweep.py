@@ -11,8 +11,8 @@ from helpers import TINY
 
 from somoe.cli import main
 from somoe.config import ConfigError
-from somoe.sweeps import list_sweeps, load_sweep, run_status, run_sweep
-from somoe.sweeps.runner import train_run
+from somoe.experiments.sweeps import list_sweeps, load_sweep, run_status, run_sweep
+from somoe.experiments.sweeps.runner import train_run
 from somoe.train.callbacks import Callback
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, RunConfig
-from .data import BPETokenizer, TokenStream, encode_stories_for_eval, prepare_data, read_story_file
-from .models import LM, build_model
-from .train.checkpoint import (CheckpointError, check_checkpoint, check_tokenizer, list_checkpoints, load_config_from,
+from ..config import ConfigError, RunConfig
+from ..data import BPETokenizer, TokenStream, encode_stories_for_eval, prepare_data, read_story_file
+from ..models import LM, build_model
+from ..train.checkpoint import (CheckpointError, check_checkpoint, check_tokenizer, list_checkpoints, load_config_from,
                                load_model_state, read_best, read_trainer_state)
-from .train.runtime import DEVICE_FLAG, resolve_device, setup_backends
+from ..train.runtime import DEVICE_FLAG, resolve_device, setup_backends
 
 
 @dataclass

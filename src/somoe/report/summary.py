@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .train.metrics_file import read_jsonl
+from ..train.metrics_file import read_jsonl
 
 
 def read_records(run_dir: Path) -> list[dict]:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import eval_batches
-from .eval import EvalResult, evaluate
+from ..data import eval_batches
+from ..metrics import EvalResult, evaluate
 from .runs import LoadedRun, file_stream, load_run, run_val_stream
-from .train.runtime import autocast_factory, resolve_precision
+from ..train.runtime import autocast_factory, resolve_precision
 
 
 def evaluate_loaded(loaded: LoadedRun, batches, adapt: bool = False, on_batch=None) -> EvalResult:

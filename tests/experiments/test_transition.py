@@ -9,8 +9,8 @@ import pytest
 from helpers import TINY
 from somoe.cli import main
 from somoe.config import ConfigError, load_config
-from somoe.runs import load_run
-from somoe.transition import boundary_summary, phase_configs
+from somoe.evaluate.runs import load_run
+from somoe.experiments.transition import boundary_summary, phase_configs
 
 
 def transition_config(cache, *overrides):

@@ -7,7 +7,7 @@ import pytest
 from helpers import TINY
 from somoe.cli import main
 from somoe.config import ConfigError, load_config
-from somoe.quickstart import (LEVEL_TOLERANCE_BPB, MAIN_JOB_PRESETS, active_flops_per_token, data_overrides,
+from somoe.experiments.quickstart import (LEVEL_TOLERANCE_BPB, MAIN_JOB_PRESETS, active_flops_per_token, data_overrides,
                               verdict)
 
 SMALL_FFNS = ["model.d_ffn=64", "model.some.num_experts=8", "model.some.d_ffn=32", "model.some.theta=4",

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from somoe.analysis import entropy_bits, gini, normalized_entropy
+from somoe.models.ffn.usage import entropy_bits, gini, normalized_entropy
 
 
 @pytest.mark.parametrize("E", [2, 8, 128])

@@ -24,8 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, from_dict, to_dict
-from .train.callbacks import Callback
+from ..config import ConfigError, RunConfig, from_dict, to_dict
+from ..train.callbacks import Callback
 
 
 def phase_configs(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
@@ -86,7 +86,7 @@ class FirstStep(Callback):
 
 
 def greedy_samples(model, tokenizer, cfg: RunConfig) -> list[tuple[str, str]]:
-    from .generate import GenerationConfig, generate_text
+    from ..generate.sampling import GenerationConfig, generate_text
 
     t = cfg.transition
     gen = GenerationConfig(max_new_tokens=t.sample_tokens, greedy=True)
@@ -95,7 +95,7 @@ def greedy_samples(model, tokenizer, cfg: RunConfig) -> list[tuple[str, str]]:
 
 def write_history(out: Path, dense_steps: int) -> list[dict]:
     """Both phases' records in one file; phase 2's ``global_step`` continues after phase 1's."""
-    from .report import read_records
+    from ..report.summary import read_records
 
     history = []
     first = out / "moe" / "first_step.json"
@@ -190,8 +190,8 @@ def _banner(log, title: str) -> None:
 
 def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=print) -> int:
     """Both phases and the conversion between them; returns an exit code (1: verification failed)."""
-    from .train.checkpoint import list_checkpoints
-    from .train.trainer import Trainer
+    from ..train.checkpoint import list_checkpoints
+    from ..train.trainer import Trainer
     from .upcycle import probe_from_stream, save_upcycled, upcycle_model, verify
 
     out = Path(out)
@@ -250,7 +250,7 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
     link_checkpoint(list_checkpoints(moe_dir)[-1], out / "checkpoints" / "moe_final")
     samples["moe"] = greedy_samples(phase2.model, phase2.data.tokenizer, cfg)
 
-    from .report import write_report
+    from ..report.summary import write_report
 
     for phase in ("dense", "moe"):
         write_report(out / phase)  # each phase's summary.txt and metrics.png

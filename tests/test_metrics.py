@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from somoe.config import ModelConfig
-from somoe.eval import evaluate, summarize
+from somoe.metrics import evaluate, summarize
 from somoe.models import IGNORE_INDEX, build_model
 
 

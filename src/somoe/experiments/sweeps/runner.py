@@ -18,9 +18,9 @@ from typing import Callable
 
 import yaml
 
-from ..config import ConfigError, RunConfig, from_dict, load_config, load_yaml
+from ...config import ConfigError, RunConfig, from_dict, load_config, load_yaml
 
-SWEEP_PACKAGE = "somoe.sweeps"
+SWEEP_PACKAGE = "somoe.experiments.sweeps"
 _NAME = re.compile(r"[^A-Za-z0-9_.,=+-]+")  # run folder names: no slashes, spaces, quotes
 
 
@@ -107,7 +107,7 @@ def load_sweep(name_or_path: str) -> Sweep:
 
 def run_status(run_dir: Path) -> tuple[str, int, int]:
     """('new' | 'partial' | 'done', step reached, total steps) from the run folder's checkpoints."""
-    from ..train.checkpoint import find_resumable, read_trainer_state
+    from ...train.checkpoint import find_resumable, read_trainer_state
 
     ckpt = find_resumable(run_dir, log=lambda *_: None) if run_dir.is_dir() else None
     if ckpt is None:
@@ -126,8 +126,8 @@ def check_same_config(run_dir: Path, cfg: RunConfig) -> None:
 
 def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print, callbacks=()) -> bool:
     """Train (or resume) one run to the end; False when a signal stopped it."""
-    from ..report import write_report
-    from ..train.trainer import Trainer
+    from ...report.summary import write_report
+    from ...train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume="auto", progress=False, log=log, callbacks=list(callbacks))
     trainer.fit()
@@ -138,7 +138,7 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print,
 def run_sweep(sweep: Sweep, out: str | Path, extra: list[str] = (), train: Callable = train_run,
               log: Callable[[str], None] = print) -> bool:
     """Train every run of ``sweep`` under ``out`` in order, then write ``out/compare``; False if interrupted."""
-    from ..analysis.compare import compare_runs
+    from ...analysis.compare import compare_runs
 
     out = Path(out)
     configs = [(run, sweep.run_config(run, list(extra))) for run in sweep.runs]  # all errors before any training

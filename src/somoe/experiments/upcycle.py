@@ -26,11 +26,11 @@ from typing import Iterator
 
 import torch
 
-from .config import ConfigError, RunConfig, apply_overrides, from_dict, save_config, to_dict
-from .models import LM, build_model
-from .models.ffn.dense import DenseFFN
-from .models.ffn.moe import MoELayer
-from .train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from ..config import ConfigError, RunConfig, apply_overrides, from_dict, save_config, to_dict
+from ..models import LM, build_model
+from ..models.ffn.dense import DenseFFN
+from ..models.ffn.moe import MoELayer
+from ..train.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
 
 TOLERANCE = 1e-4  # fp32 max |logit difference| the issue and seed 004 accept
 
@@ -200,7 +200,7 @@ def verify(dense: LM, moe: LM, probe_BT: torch.Tensor, tolerance: float = TOLERA
 
 def probe_from_stream(stream, seq_len: int, n: int, pad_id: int) -> torch.Tensor:
     """The first ``n`` validation windows (contiguous, the eval windows): a frozen probe."""
-    from .data import eval_batches
+    from ..data import eval_batches
 
     x_BT, _ = next(iter(eval_batches(stream, seq_len, n, 1, pad_id=pad_id)))
     return x_BT
@@ -230,7 +230,7 @@ def upcycle_run(dense_run: str | Path, out: str | Path, num_experts: int | None 
                 overrides: list[str] | None = None, which: str = "last", probe_sequences: int = 8,
                 tolerance: float = TOLERANCE, device: str = "auto", log=print) -> Verification:
     """``somoe upcycle``: load a dense run, upcycle, verify, and write ``out`` only if it passed."""
-    from .runs import load_run, run_val_stream, tokenizer_file
+    from ..evaluate.runs import load_run, run_val_stream, tokenizer_file
 
     if list_checkpoints(Path(out)):
         raise CheckpointError(f"{out} already has checkpoints; choose another --out for the upcycled run")

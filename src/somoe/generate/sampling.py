@@ -16,8 +16,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .models.layers import KVCache
+from ..config import ConfigError
+from ..models.layers import KVCache
 
 
 @dataclass

@@ -1,0 +1,2 @@
+"""Workflows built on the trainer: the main job (``quickstart``), dense→MoE ``upcycle``, the
+dense-then-SoME ``transition`` and the ablation ``sweeps``."""

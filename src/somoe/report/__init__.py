@@ -1,0 +1,1 @@
+"""A run's summary: ``summary.txt`` and ``metrics.png`` from its ``metrics.jsonl``, and comparison tables."""
