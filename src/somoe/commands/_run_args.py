@@ -1,0 +1,29 @@
+"""Arguments shared by the verbs that take a config (``--preset``/``--config`` + overrides) and a run folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import ConfigError, RunConfig, load_config
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a shipped preset (see `somoe presets`)")
+    p.add_argument("--config", help="a YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=4e-4")
+
+
+def load_run_config(args) -> RunConfig:
+    """The config the arguments name; the ``quickstart`` preset when neither --preset nor --config is given."""
+    preset = args.preset if (args.preset or args.config) else "quickstart"
+    return load_config(preset=preset if not args.config else None, config_file=args.config,
+                       overrides=args.overrides)
+
+
+def run_dir(args, cfg: RunConfig) -> Path:
+    """``--out``, or runs/NAME; refused when it names a file."""
+    folder = Path(args.out) if args.out else Path("runs") / cfg.name
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file, not a folder; choose another --out")
+    return folder
