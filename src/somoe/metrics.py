@@ -1,4 +1,4 @@
-"""Evaluation: loss per token, perplexity and bits per byte.
+"""The language-model metrics: loss per token, perplexity and bits per byte.
 
 Bits per byte divides the total NLL (in bits) by the UTF-8 bytes the targets
 stand for: each token contributes the bytes of its text and each EOS one byte

@@ -1,4 +1,4 @@
-"""Analysis of trained runs: expert usage statistics (and, later, key geometry and plots)."""
+"""Analysis of trained runs: key geometry, usage, specialisation, plots, ablation C and run comparison."""
 
 from ..models.ffn.usage import entropy_bits, gini, normalized_entropy
 
