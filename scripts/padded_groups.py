@@ -1,4 +1,4 @@
-"""Why bf16 frozen experts on CPU run as bmm over load-sorted groups (models/dispatch.py, padded_layout).
+"""Why bf16 frozen experts on CPU run as bmm over load-sorted groups (models/dispatch/padded.py, padded_layout).
 
 Trains cpu_some (bf16 experts, random tokens, as ``somoe bench train`` does) for a few steps, keeps
 each layer's slots per expert from the last step, then times one frozen-expert MLP forward+backward
@@ -40,7 +40,7 @@ def layer_counts(steps: int) -> list[list[int]]:
         seen.append(list(counts))
         return layout(counts, *args, **kwargs)
 
-    dm.padded_layout = spy
+    dm.grouped.padded_layout = spy  # where grouped_mlp looks it up
     try:
         step = _step(lambda: model(x, x).loss, model, build_optimizer(model, cfg.train, "cpu"), "bf16",
                      torch.device("cpu"))
@@ -48,7 +48,7 @@ def layer_counts(steps: int) -> list[list[int]]:
             seen.clear()
             step()
     finally:
-        dm.padded_layout = layout
+        dm.grouped.padded_layout = layout
     return seen
 
 

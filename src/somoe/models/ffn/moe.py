@@ -4,7 +4,7 @@ Forward over the T tokens of a batch (``model.ffn: moe``, settings in ``model.mo
 
     H(x) = x W_g + eps * softplus(x W_noise)    eps ~ N(0, 1); training forwards only, from noise_start_step
     I = topk(H, k); g = softmax(H_I)            softmax over the kept k
-    y = sum_j g_j * Expert_{I_j}(x)             models/dispatch.py, the dispatch shared with SoME
+    y = sum_j g_j * Expert_{I_j}(x)             models/dispatch/, the dispatch shared with SoME
 
 Experts are stacked trainable parameters run by ``grouped_mlp`` (GELU/ReLU with
 biases, ``gpt2``) or ``grouped_swiglu`` (``smollm``). The router runs in fp32

@@ -3,7 +3,7 @@
 Specification: docs/some-layer.md. Forward (section 2)::
 
     q = Q(x); s = score(q, K) / tau; I, sI = topk(s, k_t); g = softmax(sI)
-    y = sum_j g_j * Expert_{I_j}(x)        # dropless, models/dispatch.py
+    y = sum_j g_j * Expert_{I_j}(x)        # dropless, models/dispatch/
 
 Keys ``key_store`` never get gradients. Training forwards (not activation-
 checkpoint recomputes) only *accumulate* statistics; ``self_organize`` applies
