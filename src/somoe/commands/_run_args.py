@@ -1,8 +1,9 @@
-"""Arguments shared by the verbs that take a config (``--preset``/``--config`` + overrides) and a run folder."""
+"""What the verbs share: config arguments (``--preset``/``--config`` + overrides), the run folder, ``--json`` output."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..config import ConfigError, RunConfig, load_config
@@ -27,3 +28,9 @@ def run_dir(args, cfg: RunConfig) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a folder; choose another --out")
     return folder
+
+
+def print_result(args, result: dict, line: str) -> int:
+    """``result`` as one JSON line with ``--json``, else the human ``line``; exit code 0."""
+    print(json.dumps(result) if args.json else line)
+    return 0

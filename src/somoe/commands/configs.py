@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
-from ._run_args import add_config_args, load_run_config
+from ._run_args import add_config_args, load_run_config, print_result
 
 
 def cmd_presets(args) -> int:
@@ -21,12 +19,8 @@ def cmd_params(args) -> int:
 
     cfg = load_run_config(args)
     counts = count_params(cfg.model)
-    if args.json:
-        print(json.dumps(counts))
-    else:
-        print(f"{cfg.name}: total {counts['total']:,} ({counts['total'] / 1e6:.2f}M), "
-              f"trainable {counts['trainable']:,} ({counts['trainable'] / 1e6:.2f}M)")
-    return 0
+    return print_result(args, counts, f"{cfg.name}: total {counts['total']:,} ({counts['total'] / 1e6:.2f}M), "
+                                      f"trainable {counts['trainable']:,} ({counts['trainable'] / 1e6:.2f}M)")
 
 
 def register(sub) -> None:

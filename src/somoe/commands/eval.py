@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from ._run_args import print_result
 
 
 def cmd_eval(args) -> int:
@@ -10,12 +10,8 @@ def cmd_eval(args) -> int:
 
     result = evaluate_run(args.run, data=args.data, adapt=args.adapt, max_batches=args.batches,
                           which=args.checkpoint, device=args.device)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | bpb {result['bpb']:.4f} | "
-              f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
-    return 0
+    return print_result(args, result, f"loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | bpb {result['bpb']:.4f} | "
+                                      f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
 
 
 def register(sub) -> None:
