@@ -1,5 +1,5 @@
-"""A graph-break-free model: the training forward+backward of tiny dense, MoE and SoME models (with and
-without LoRA, both backbones) compiles as one graph in bf16, and nothing recompiles across the
+"""A graph-break-free model and training step: the training forward+backward of tiny dense, MoE and SoME
+models (with and without LoRA, both backbones) compiles as one graph in bf16, the whole step in fp32, and nothing recompiles across the
 top-k warm-up (k changes), the noise start, the train/eval switch, key updates and a reload of the
 model's state. ``backend="eager"``: dynamo's tracing is what is tested, not inductor's kernels."""
 
@@ -24,10 +24,20 @@ CASES = [("cpu_gpt2", ()), ("cpu_moe", ("model.moe.noise_start_step=2",)), ("cpu
 
 @pytest.mark.parametrize("preset,extra", CASES, ids=[f"{p}{'-smollm' if e == SMOLLM else ''}{'-lora' if 'model.some.lora_rank=2' in e else ''}"
                                                      for p, e in CASES])
-def test_training_step_compiles_once_without_graph_breaks(preset, extra):
-    row = compile_report(preset, steps=5, overrides=TINY + extra, backend="eager", dtype="bf16")
+def test_model_compiles_once_without_graph_breaks(preset, extra):
+    row = compile_report(preset, steps=5, overrides=TINY + extra, backend="eager", dtype="bf16", scope="model")
     assert row["graph_breaks"] == 0, row["break_reasons"]
     assert row["train_compiles"] == 1 and row["eval_compiles"] == 1 and row["recompiles"] == 0, row
+
+
+@pytest.mark.parametrize("preset,extra", CASES, ids=[f"{p}{'-smollm' if e == SMOLLM else ''}{'-lora' if 'model.some.lora_rank=2' in e else ''}"
+                                                     for p, e in CASES])
+def test_whole_training_step_compiles_once_without_graph_breaks(preset, extra):
+    """``somoe bench compile``'s whole step (forward, backward, clipping, key rules, tallies, AdamW) in
+    fp32, through the top-k ramp, the noise start, an eval and a state reload: one frame, no break."""
+    row = compile_report(preset, steps=5, overrides=TINY + extra, backend="eager", dtype="fp32", scope="step")
+    assert row["graph_breaks"] == 0, row["break_reasons"]
+    assert row["train_compiles"] == 1 and row["recompiles"] == 0, row
 
 
 def test_masked_top_k_of_a_compiled_forward_equals_the_eager_k():

@@ -1,7 +1,8 @@
 """``somoe bench gpu``: whole training steps of the seed presets at full size, in three modes, with MFU.
 
-Modes: ``eager``; ``compiled`` (``torch.compile`` of the model, default mode); ``cudagraphs``
-(``torch.compile(mode="reduce-overhead")``: the compiled forward and backward replayed as CUDA graphs;
+Modes: ``eager``; ``compiled`` (our models: the whole training step compiled as one graph,
+``train.compile=step``; transformers' model: ``torch.compile`` of the model); ``cudagraphs`` (ours: that
+step replayed as one CUDA graph, ``train.cuda_graphs=true``; transformers': ``mode="reduce-overhead"``;
 CUDA only). Each row reports tokens/s, MFU, peak memory and the step-time spread (p10/p50/p90 ms)
 of synchronised steps after the warm-up.
 
@@ -75,7 +76,6 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
     """One row per (preset, mode), plus ``transformers_gpt2@seed000_gpt2`` per mode where transformers is installed."""
     from ..config import load_config
     from ..models.transformer import build_model
-    from ..train.optim import build_optimizer
     from .common import hf_available
 
     dev = torch.device(device)
@@ -97,24 +97,37 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
                 model = build()
                 ours = hasattr(model, "ffns")
                 flops = step_flops(model, cfg, B, S) if ours else None
-                optimizer = build_optimizer(model, cfg.train, dev.type)
-                run = _compiled(model, mode, backend)
                 x = torch.randint(0, cfg.model.vocab_size, (B, S), device=dev)
-                times = _time_steps(run, model, optimizer, x, ours, steps, warmup, dev)
+                train_step = _train_step(model, cfg, mode, backend, x, ours, dev)
+                times = _time_steps(train_step, steps, warmup, dev)
                 row = _row(impl, preset, mode, B, S, times, flops, peak, peak_source, dev)
                 rows.append(row)
-                del model, optimizer, run
+                del model, train_step
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
     return rows
 
 
-def _time_steps(run, model, optimizer, x, ours: bool, steps: int, warmup: int, dev) -> list[float]:
-    """Synchronised wall seconds of ``steps`` training steps (``bench train``'s step) after ``warmup``."""
+def _train_step(model, cfg, mode: str, backend: str, x: torch.Tensor, ours: bool, dev: torch.device):
+    """A zero-argument training step of ``mode`` (see the module docstring), past every warm-up schedule."""
+    from ..train.optim import build_optimizer
+    from ..train.runtime import autocast_factory
+    from ..train.step import CompiledStep
+
     if ours:
         model.set_progress(10_000, 10_000)  # past every warm-up: the steady state
+    if ours and mode != "eager":
+        optimizer = build_optimizer(model, cfg.train, dev.type, capturable=True)
+        step = CompiledStep(model, optimizer, cfg.train, dev, autocast_factory("bf16", dev), 1, backend=backend,
+                            cuda_graphs=mode == "cudagraphs")
+        return lambda: step([(x, x)], 10_000, 10_000, cfg.train.lr)
+    run = _compiled(model, mode, backend)
     loss_fn = (lambda: run(x, x).loss) if ours else (lambda: run(input_ids=x, labels=x).loss)
-    train_step = _step(loss_fn, model, optimizer, "bf16", dev)
+    return _step(loss_fn, model, build_optimizer(model, cfg.train, dev.type), "bf16", dev)
+
+
+def _time_steps(train_step, steps: int, warmup: int, dev) -> list[float]:
+    """Synchronised wall seconds of ``steps`` training steps after ``warmup``."""
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = []

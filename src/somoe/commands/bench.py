@@ -73,10 +73,12 @@ def register(sub) -> None:
     q.add_argument("--preset", default="cpu_some", help="comma list of presets")
     q.add_argument("--steps", type=int, default=6, help="training steps (top-k warm-up, an eval and a reload inside)")
     q.add_argument("--backend", default="inductor", help="torch.compile backend (eager, aot_eager, inductor)")
-    q.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16 (bf16 traces the expert dispatch whole)")
+    q.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16")
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     q.add_argument("--fullgraph", action="store_true", help="fail on the first graph break instead of counting")
+    q.add_argument("--scope", choices=("step", "model"), default="step",
+                   help="step: the whole training step as train.compile=step runs it; model: the model alone")
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_compile)
 
@@ -209,7 +211,7 @@ def cmd_compile(args) -> int:
         raise ConfigError(f"--steps {args.steps}: give at least 2 (the first step compiles)")
     _setup(args)
     rows = [compile_bench.compile_report(p, args.steps, tuple(args.overrides), args.backend, dtype, args.device,
-                                         args.fullgraph)
+                                         args.fullgraph, args.scope)
             for p in args.preset.split(",") if p for dtype in _dtypes(args)]
     notes = [f"{r['preset']} {r['dtype']}: break {reason.splitlines()[0]}" for r in rows for reason in r["break_reasons"]]
     return _emit(args, rows, compile_bench.COLUMNS, notes)

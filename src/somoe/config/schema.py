@@ -135,7 +135,10 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA>=8.0 and CPU, else fp32
-    compile: bool = False
+    # true: torch.compile the model; step: the whole training step as one graph (train/step.py)
+    compile: bool | Literal["step"] = False
+    compile_backend: str = "inductor"  # torch.compile backend of train.compile=step (eager/aot_eager: tests)
+    cuda_graphs: bool = False  # the compiled step replayed as a CUDA graph (implies train.compile=step; CUDA only)
     activation_checkpointing: bool = False
     device: str = "auto"  # auto = cuda > mps > cpu
     seed: int = 1337

@@ -11,8 +11,11 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only (frozen experts get no state).
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str, capturable: bool = False
+                    ) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only (frozen experts get no state); ``capturable`` for the
+    compiled step (foreach kernels, step counts and learning rate on the device; fused AdamW is not
+    traced by torch.compile).
 
     Matrices (linear weights, embeddings) decay; biases, norm gains and scalars
     such as a learnable temperature do not, as in GPT-2/nanoGPT.
@@ -29,7 +32,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+    if capturable:
+        kwargs.update(foreach=True, capturable=True)
+    elif device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 

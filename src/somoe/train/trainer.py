@@ -35,6 +35,7 @@ from .nonfinite import TrainingDiverged, finite_step, optimizer_step_if
 from .optim import build_optimizer, lr_at, set_lr
 from .run_lock import acquire_run_lock, release_run_lock
 from .runtime import autocast_factory, compile_model, resolve_device, resolve_precision, setup_backends
+from .step import CompiledStep, check_compiled_step
 
 
 class Trainer:
@@ -76,7 +77,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg.model, self.device)
         self.model.activation_checkpointing = cfg.train.activation_checkpointing
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device.type)
+        self.step_compiled = cfg.train.compile == "step" or cfg.train.cuda_graphs
+        if self.step_compiled:
+            check_compiled_step(cfg.train, cfg.model, self.device, self.dist.world_size, self.precision)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device.type, capturable=self.step_compiled)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.step, self.tokens_seen, self.best_val, self.best_step, self.elapsed = 0, 0, float("inf"), -1, 0.0
@@ -92,6 +96,9 @@ class Trainer:
             self.log(f"resumed from {resume_from} at step {self.step}")
 
         self.forward_model = self._wrap(self.model)
+        self.compiled_step = (CompiledStep(self.model, self.optimizer, cfg.train, self.device, self.autocast,
+                                           cfg.train.grad_accum, cuda_graphs=cfg.train.cuda_graphs)
+                              if self.step_compiled else None)
         self.callbacks: list[Callback] = [SelfOrganizeCallback(), MetricsLogger(self.run_dir, progress),
                                           CheckpointCallback(cfg.train.ckpt_every, cfg.train.keep_last)]
         self.callbacks += list(callbacks or [])
@@ -131,7 +138,7 @@ class Trainer:
         return Path(resume)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        wrapped = compile_model(model) if self.cfg.train.compile else model
+        wrapped = compile_model(model) if self.cfg.train.compile is True else model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -164,6 +171,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over all micro-batches; returns the step's metrics."""
+        if self.compiled_step is not None:
+            return self._compiled_train_step()
         t0 = time.perf_counter()
         self.model.train()
         self.model.set_progress(self.step, self.total_steps)
@@ -221,6 +230,31 @@ class Trainer:
                    "elapsed": self.elapsed}
         if aux_sum:
             metrics["aux_loss"] = aux_sum
+        return metrics
+
+    def _compiled_train_step(self) -> dict[str, Any]:
+        """``train_step`` as one compiled function (train/step.py). The callbacks' ``pre_optim_step``
+        hooks do not run: the self-organizing update is part of the step."""
+        t0 = time.perf_counter()
+        self.model.train()
+        self.model.set_progress(self.step, self.total_steps)
+        lr = lr_at(self.step, self.total_steps, self.cfg.train)
+        set_lr(self.optimizer, lr)  # the compiled step takes lr as data; the groups keep it for checkpoints
+        micro = self._micro_batches()
+        targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        out = self.compiled_step(micro, self.step, self.total_steps, lr)
+        self.step_ok = out["ok"]
+        self._bad_steps += ~self.step_ok
+        self.step += 1
+        self.tokens_seen += targets
+        metrics = {"step": self.step, "tokens": self.tokens_seen, "loss": float(out["ce_sum"]) / max(targets, 1),
+                   "lr": lr, "grad_norm": float(out["grad_norm"])}
+        aux = float(out["aux"])
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        metrics.update(tok_per_s=self.cfg.train.batch_size * self.cfg.data.seq_len / max(dt, 1e-9), elapsed=self.elapsed)
+        if aux:
+            metrics["aux_loss"] = aux
         return metrics
 
     def check_bad_steps(self) -> None:

@@ -11,7 +11,7 @@ per-token Python.
 ``counts`` (slots per expert): on CPU a :class:`Groups` (a ``list[int]``, one
 host sync per forward, that also carries the sorted gates so that
 :func:`grouped_mlp` applies them inside its autograd function); on CUDA with bf16 compute (and
-anywhere under :func:`static_dispatch` or a bf16 ``torch.compile``) :class:`DeviceGroups`
+anywhere under :func:`static_dispatch` or ``torch.compile``, any dtype) :class:`DeviceGroups`
 (device-side offsets, computed once per layer), and every expert op is one grouped matmul (``F.grouped_mm``;
 ``torch._grouped_mm`` before torch 2.10) over the
 offsets: no ``.item()``/``.tolist()`` in the hot path, capturable in a CUDA

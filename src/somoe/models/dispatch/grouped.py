@@ -14,14 +14,14 @@ from .expert_loop import (_affine_into, _bucket, _expert_loop_backward, _expert_
                           _with_slack, _zero_padded)
 from .lora import LoRA, _lora_mlp
 from .padded import PaddedLayout, padded_frozen_mlp, padded_layout
-from .plan import Counts, Groups, _device_counts, _groups, _grouped_mm, compute_dtype, host_counts
+from .plan import Counts, Groups, _device_counts, _groups, compute_dtype, grouped_mm, host_counts
 
 
 def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch.Tensor | None = None) -> torch.Tensor:
     """Row block ``e`` of ``a`` times ``b[e]`` (+ ``bias[e]``), one output buffer, no concatenation."""
     if _device_counts(counts):
         groups = _groups(counts, a_SK.shape[0])
-        out = _grouped_mm(a_SK, b_EKN, offs=groups.offsets)
+        out = grouped_mm(a_SK, b_EKN, groups.offsets)
         if bias_EN is not None:
             out += bias_EN.index_select(0, groups.expert_S)
         return out
@@ -35,7 +35,7 @@ def _gmm(a_SK: torch.Tensor, b_EKN: torch.Tensor, counts: Counts, bias_EN: torch
 def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
     """``a[e-block]^T @ d[e-block]`` for every expert: (E, K, N), zeros for empty experts."""
     if _device_counts(counts):
-        return _grouped_mm(a_SK.t(), d_SN, offs=_groups(counts, a_SK.shape[0]).offsets)
+        return grouped_mm(a_SK.t(), d_SN, _groups(counts, a_SK.shape[0]).offsets)
     out = a_SK.new_zeros(len(counts), a_SK.shape[1], d_SN.shape[1])
     for e, s, t in _slices(counts):
         n = _bucket(t - s, a_SK)  # the rows past t meet zero rows of d: exact

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from .plan import DeviceGroups, GroupedFn, Groups, _grouped_mm, grouped_mm_available, plan
+from .plan import DeviceGroups, GroupedFn, Groups, grouped_mm_available, plan
 
 
 _STATIC = False  # static_dispatch(): device-side groups on every device (the GPU path, on the CPU too)
@@ -43,22 +43,11 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     if grouped is None:
         grouped = _STATIC or grouped_mm_available(x_TD.device, dt)
     if torch.compiler.is_compiling():
-        # traced whole (no host value, fixed shapes) where the grouped matmul traces: bf16 compute.
-        # Compiled with inductor this path once gave wrong gradients on an H100 (torch 2.11: a
-        # seed000_some step's gradients 85% off eager's while the loss matched); the CUDA test
-        # test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda checks it on every GPU run
-        if dt == torch.bfloat16 and _grouped_mm is not None:
-            return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, True, counts_E)
-        return _dispatch_eager(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
-    return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
-
-
-@torch.compiler.disable
-def _dispatch_eager(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped: bool,
-                    counts_E) -> torch.Tensor:
-    """Other compute dtypes run eagerly under ``torch.compile`` (a graph break): host counts, traced,
-    would become guards (``counts[2] == 65``) and recompile every step, and the grouped matmul's
-    fake-tensor rule accepts bf16 only (torch 2.13)."""
+        # traced whole on device groups (no host value, fixed T*K-row shapes), in every dtype (fp32 through
+        # plan.grouped_mm's opaque op). Compiled with inductor this path once gave wrong gradients on an
+        # H100 (torch 2.11: a seed000_some step's gradients 85% off eager's while the loss matched); the
+        # CUDA test test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda checks it on every GPU run
+        grouped = True
     return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
 

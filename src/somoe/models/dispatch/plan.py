@@ -35,6 +35,29 @@ GroupedFn = Callable[[torch.Tensor, Counts], torch.Tensor]
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+@torch.library.custom_op("somoe::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The grouped matmul as an op ``torch.compile`` does not look into: its fake-tensor rule accepts bf16
+    only (torch 2.13), so fp32 experts are traced through this wrapper (a fixed output shape, no host
+    value in the graph), and the kernel runs as it does eagerly."""
+    return _grouped_mm(a, b, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # rows of a times their group's matrix: (S, N)
+        return a.new_empty(a.shape[0], b.shape[2])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[1])  # a^T d per group (the weight gradient): (E, K, N)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``_grouped_mm``; under ``torch.compile`` the opaque op wherever the kernel's own rule would refuse
+    the tensors (anything but CUDA bf16)."""
+    if torch.compiler.is_compiling() and not (a.is_cuda and a.dtype == torch.bfloat16):
+        return _opaque_grouped_mm(a, b, offs)
+    return _grouped_mm(a, b, offs=offs)
+
+
 @dataclass
 class Plan:
     """Where each token slot goes: the permutation that sorts slots by expert."""

@@ -21,8 +21,6 @@ part of a checkpoint).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,10 +34,9 @@ from .registry import register_ffn
 from .routing_tally import RoutingTally
 from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
 from .some_router import cosine_scores
+from .some_update import SAMPLE_SEED_OFFSET, KeyUpdates, from_host
 
 KEY_SEED_OFFSET = 1_000_003
-SAMPLE_SEED_OFFSET = 2_000_003
-LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
 # decay_target=sample: uniforms drawn per key update for this many draws (micro-batches) in a row; a
 # step with more gathering forwards reuses them cyclically
 DRAW_TABLE = 64
@@ -57,23 +54,6 @@ def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def _from_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor made on the host, on ``device`` without a host sync: a plain copy to CUDA waits for
-    the stream, a non-blocking one from pinned memory is queued (PyTorch's pinned-memory allocator
-    keeps the buffer until the copy has run)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-@dataclass
-class Rates:
-    alpha: float
-    gamma: float
-    beta: float
-    delta: float
-
-
 def build_query_net(cfg, d_model: int) -> nn.Module:
     """``linear``: d->d with bias (what the seeds' parameter counts imply); ``mlp``: d->h->d, GELU."""
     if cfg.query_net == "linear":
@@ -83,7 +63,7 @@ def build_query_net(cfg, d_model: int) -> nn.Module:
 
 
 @register_ffn("some")
-class SoMELayer(FFN):
+class SoMELayer(KeyUpdates, FFN):
     """Self-organizing mixture of frozen experts (``model.ffn: some``, settings in ``model.some``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -104,6 +84,7 @@ class SoMELayer(FFN):
         self._register_state(E, D)
         self._register_experts(E, D)
         self._register_lora(E, D)
+        self.gather_always = False
         self.set_progress(0, 0)
         RoutingTally.attach(self, c.num_experts)
         self._experts_ready = False
@@ -208,19 +189,6 @@ class SoMELayer(FFN):
         module._updates_on_host = int(module.som_updates)  # came from the checkpoint: one read, at load
         module._refresh_draws()
 
-    @torch.no_grad()
-    def _refresh_draws(self) -> None:
-        """The uniforms of this key update's query samples (``decay_target=sample``), from a host
-        generator seeded by (seed, layer, update count), copied to the device without a host sync: a
-        resumed run draws what an uninterrupted one draws, and the forward reads them by the device
-        draw counter, with no host RNG or host counter in the step."""
-        if not hasattr(self, "sample_u") or self.sample_u.is_meta:
-            return
-        seed = self.cfg.expert_seed + self.layer_idx + SAMPLE_SEED_OFFSET + 7919 * self._updates_on_host
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        u = torch.rand(self.sample_u.shape, generator=gen, device="cpu", dtype=torch.float64)
-        self.sample_u.copy_(_from_host(u, self.sample_u.device))
-
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
         saved = state_dict.get(prefix + "expert_hash")
@@ -248,7 +216,9 @@ class SoMELayer(FFN):
         self._top_k = rules.top_k_at(self.cfg, step, total_steps)
         if not self.top_k_live.is_meta:
             self.top_k_live.fill_(self._top_k)
-        self._gather_now = step % self.cfg.update_every == 0  # other steps skip the statistics entirely
+        # other steps skip the statistics entirely, except in the compiled training step (one graph for every
+        # step: it gathers always and discards what an unscheduled step gathered)
+        self._gather_now = self.gather_always or step % self.cfg.update_every == 0
 
     @property
     def top_k_now(self) -> int:
@@ -417,7 +387,7 @@ class SoMELayer(FFN):
     def _token_sample(self, T: int, device: torch.device) -> torch.Tensor:
         """The sorted rows of this batch's ``update_token_fraction`` sample (the layer's own stream)."""
         m = max(1, round(self.cfg.update_token_fraction * T))
-        return _from_host(torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values, device)
+        return from_host(torch.randperm(T, generator=self._sample_gen, device="cpu")[:m].sort().values, device)
 
     def _draw_query_samples(self, q_TD: torch.Tensor, weight_T: torch.Tensor | None = None) -> None:
         """One random query per expert (``decay_target=sample``), summed over micro-batches and ranks.
@@ -452,85 +422,6 @@ class SoMELayer(FFN):
         if mode and not self.training:
             self._clear_statistics()  # statistics an adapting eval left unapplied never reach training
         return super().train(mode)
-
-    # --- self-organization ---------------------------------------------------------------
-    def rates(self, step: int, total_steps: int) -> Rates:
-        """Rule rates at an optimizer step: schedules times the ``som_warmup_steps`` ramp."""
-        c = self.cfg
-        frac = min(1.0, step / total_steps) if total_steps > 0 else 0.0
-        ramp = rules.som_ramp(step, c.som_warmup_steps)
-        return Rates(ramp * rules.alpha_at(c, frac), ramp * c.gamma, ramp * rules.beta_at(c, frac), ramp * c.delta)
-
-    @torch.no_grad()
-    def self_organize(self, step: int, total_steps: int) -> None:
-        """Apply this step's (all-reduced) statistics to the keys, then clear them."""
-        if step % self.cfg.update_every == 0:
-            self._apply_rules(self.rates(step, total_steps), rules.top_k_at(self.cfg, step, total_steps))
-        self._clear_statistics()
-
-    @torch.no_grad()
-    def self_organize_at_inference(self) -> None:
-        """Ablation C: apply an adapting eval batch's statistics with the end-of-training rates."""
-        total = max(self._total_steps, 1)
-        self._apply_rules(self.rates(total, total), rules.top_k_at(self.cfg, total, total))
-        self._clear_statistics()
-
-    def _apply_rules(self, r: Rates, top_k: int) -> None:
-        c = self.cfg
-        slots = float(self.stat_count.sum())
-        if slots <= 0:
-            return
-        keys_ED = self.key_store.float()
-        delta_ED = torch.zeros_like(keys_ED)
-        if c.attraction:
-            delta_ED += rules.attraction_delta(keys_ED, self.stat_q_sum, self.stat_gate, r.alpha)
-        if c.peer:
-            delta_ED += rules.peer_delta(keys_ED, self.stat_peer_sum, self.stat_peer_mass, r.gamma)
-        if c.repulsion:
-            delta_ED += rules.repulsion_delta(keys_ED, r.beta)
-        self.usage_ema.copy_(rules.updated_usage(self.usage_ema, self.stat_count, c.ema_decay if c.usage_ema else 0.0))
-        self._update_query_mean()
-        # expected slots of a whole step: the statistics may have seen only a fraction of the tokens
-        dormant_E = rules.dormant_mask(self.usage_ema, slots / c.update_token_fraction, c.theta, c.theta_percentile)
-        self.dormant_streak.copy_(torch.where(dormant_E, self.dormant_streak + 1, 0))
-        if c.decay:
-            target = (self.stat_q_samples / self.stat_sample_draws.clamp_min(1.0) if c.decay_target == "sample"
-                      else self.query_mean_ema)
-            delta_ED += rules.decay_delta(keys_ED, dormant_E, target, r.delta)
-        new_ED = keys_ED + rules.clip_rows(delta_ED, c.delta_clip)
-        if c.key_norm:
-            new_ED = F.normalize(new_ED, dim=1)
-        self.key_drift.fill_((new_ED - keys_ED).norm(dim=1).mean())
-        self.key_store.copy_(new_ED)
-        if c.key_ema > 0:
-            route_ED = c.key_ema * self.key_route + (1.0 - c.key_ema) * new_ED
-            self.key_route.copy_(F.normalize(route_ED, dim=1) if c.key_norm else route_ED)
-        self._entropy_band(top_k)
-        self._updates_on_host += 1
-        self.som_updates += 1
-        self._refresh_draws()
-
-    def _update_query_mean(self) -> None:
-        tokens = self.stat_tokens.clamp_min(1.0)
-        first = self._updates_on_host == 0  # no EMA bias toward the zero they start from
-        pairs = [(self.query_mean_ema, self.stat_q_total, self.cfg.ema_decay)]
-        if self.cfg.center_queries:
-            pairs.append((self.query_center, self.stat_q_raw_total, self.cfg.center_decay))
-        for ema, total, decay in pairs:
-            if first:
-                ema.copy_(total / tokens)
-            else:
-                ema.mul_(decay).add_((1.0 - decay) * total / tokens)
-
-    def _entropy_band(self, top_k: int) -> None:
-        """Nudge log_tau so the mean gate entropy stays in the band (off while top-k warms up)."""
-        c = self.cfg
-        if not c.entropy_band_on or top_k < c.top_k or float(self.stat_tokens) <= 0:
-            return
-        low, high = c.entropy_band
-        mean_entropy = float(self.stat_gate_entropy / self.stat_tokens)
-        step = c.entropy_band_rate if mean_entropy < low else -c.entropy_band_rate if mean_entropy > high else 0.0
-        self.log_tau.data.add_(step).clamp_(-LOG_TAU_LIMIT, LOG_TAU_LIMIT)  # higher tau -> flatter gates
 
     # --- readouts (section 4) ------------------------------------------------------------
     def reset_readouts(self) -> None:

@@ -67,7 +67,7 @@ def top_k_at(cfg: SoMEConfig, step: int, total_steps: int) -> int:
 
 # --- the rules -----------------------------------------------------------------------------
 def attraction_delta(keys_ED: torch.Tensor, q_sum_ED: torch.Tensor, gate_mass_E: torch.Tensor,
-                     alpha: float) -> torch.Tensor:
+                     alpha: float | torch.Tensor) -> torch.Tensor:
     """``alpha * (qbar_e - k_e)`` with ``qbar_e = Sq_e / G_e``, for experts with ``G_e > 0`` (else 0)."""
     used_E = gate_mass_E > 0
     qbar_ED = q_sum_ED / gate_mass_E.clamp_min(1e-12).unsqueeze(1)
@@ -100,12 +100,11 @@ def repulsion_delta(keys_ED: torch.Tensor, beta: float) -> torch.Tensor:
 def updated_usage(usage_E: torch.Tensor, counts_E: torch.Tensor, ema_decay: float) -> torch.Tensor:
     """``ema_decay * u + (1 - ema_decay) * n / sum(n)``; unchanged when nothing was routed."""
     total = counts_E.sum()
-    if total <= 0:
-        return usage_E.clone()
-    return ema_decay * usage_E + (1.0 - ema_decay) * counts_E / total
+    updated_E = ema_decay * usage_E + (1.0 - ema_decay) * counts_E / total.clamp_min(1e-30)
+    return torch.where(total > 0, updated_E, usage_E)  # decided on the device: no host read of the total
 
 
-def dormant_mask(usage_E: torch.Tensor, slots_per_step: float, theta: float,
+def dormant_mask(usage_E: torch.Tensor, slots_per_step: float | torch.Tensor, theta: float,
                  theta_percentile: float) -> torch.Tensor:
     """Which experts count as dormant.
 
