@@ -114,7 +114,9 @@ class CompiledStep:
         return out
 
     def _traced(self, xs: torch.Tensor, ys: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch._dynamo.config.patch(trace_autograd_ops=True):  # autograd.grad inside the graph
+        # autograd.grad inside the graph; Python floats (config rates, coefficients: constant over a run) as
+        # constants, so that inductor does not restart the trace to turn them into tensors (a second compile)
+        with torch._dynamo.config.patch(trace_autograd_ops=True, specialize_float=True):
             return self._fn(xs, ys, counts, self._scalars)
 
     # --- the traced step ---------------------------------------------------------------------------

@@ -33,9 +33,11 @@ class RoutingTally(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.register_buffer("counts", torch.zeros(num_experts, dtype=torch.int64), persistent=False)
-        self.register_buffer("gate_entropy", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("token_count", torch.zeros((), dtype=torch.int64), persistent=False)
+        # one-element sums, not 0-d: torch.compile reads a 0-d CPU tensor of this unregistered module as a
+        # Python number (a symbolic float), and inductor then restarts the whole trace to specialise it
+        self.register_buffer("gate_entropy", torch.zeros(1, dtype=torch.float64), persistent=False)
+        self.register_buffer("dropped_slots", torch.zeros(1, dtype=torch.int64), persistent=False)
+        self.register_buffer("token_count", torch.zeros(1, dtype=torch.int64), persistent=False)
 
     def reset(self) -> None:
         for buf in (self.counts, self.gate_entropy, self.dropped_slots, self.token_count):
