@@ -41,22 +41,23 @@ step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME end
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } >>"$LOG" 2>&1
 DEV=cuda BACKEND=inductor STEPS=10 TINY=() GRID=128:8 LAYER_SHAPE=(--tokens 8192 --d-model 768 --d-ffn 2304)
-RUN_STEPS=300 LOG_EVERY=50 EVAL_BATCHES=40 RUN_MODE=(train.cuda_graphs=true train.precision=bf16)
+RUN_STEPS=300 LOG_EVERY=50 EVAL_BATCHES=40 RUN_MODE=(train.cuda_graphs=true train.precision=bf16) RUN_DATA=()
 if [[ ${DRY:-0} == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks the script, not the GPU
   DEV=cpu BACKEND=aot_eager STEPS=2 GRID=8:2 LAYER_SHAPE=(--tokens 64 --d-model 32 --d-ffn 16)
   RUN_STEPS=4 LOG_EVERY=2 EVAL_BATCHES=2 RUN_MODE=(train.precision=fp32)
+  RUN_DATA=(model.vocab_size=320 data.builtin_train_stories=100 data.builtin_val_stories=20 data.tokenizer_train_stories=100)
   TINY=(model.d_model=32 model.n_layers=1 model.n_heads=2 model.vocab_size=64 model.max_seq_len=16 data.seq_len=16
         train.batch_size=2 model.d_ffn=64 model.some.num_experts=8 model.some.top_k=5 model.some.d_ffn=16
         model.moe.num_experts=4 model.moe.top_k=2 model.moe.d_ffn=16 "model.some.entropy_band=[1.0,1.5]")
 fi
-TESTS_K="cuda or dispatch"
+TESTS_K="dispatch or cuda_compiled_step or reduce-overhead"
 [[ ${DRY:-0} == 1 ]] && TESTS_K="dispatch and not padded"
-step tests 60 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py \
+step tests 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py \
   tests/models/test_compile_fullgraph.py tests/train/test_compiled_step.py -k "$TESTS_K"
-step ops.json 15 $SOMOE bench ops --json
+step ops.json 25 $SOMOE bench ops --json
 # first the whole step of seed000_some: its inductor graphs are then in the cache for the rows below
-declare -A GPU_LIMIT=([seed000_gpt2]=75 [seed000_some]=80 [seed003_nanogpt_moe]=70)
-step compile.json 60 $SOMOE bench compile --device $DEV --backend $BACKEND --preset seed000_some \
+declare -A GPU_LIMIT=([seed000_gpt2]=65 [seed000_some]=70 [seed003_nanogpt_moe]=60)
+step compile.json 55 $SOMOE bench compile --device $DEV --backend $BACKEND --preset seed000_some \
   --steps 4 --json "${TINY[@]}"
 for preset in seed000_gpt2 seed000_some seed003_nanogpt_moe; do
   modes=eager,compiled,cudagraphs
@@ -64,15 +65,15 @@ for preset in seed000_gpt2 seed000_some seed003_nanogpt_moe; do
   step "gpu_$preset.json" ${GPU_LIMIT[$preset]} $SOMOE bench gpu --device $DEV --backend $BACKEND --presets $preset --modes $modes \
     --steps $STEPS --json "${TINY[@]}"
 done
-step layer.json 25 $SOMOE bench layer --device $DEV --grid $GRID --dtypes bf16 --reps 10 "${LAYER_SHAPE[@]}" --json
+step layer.json 40 $SOMOE bench layer --device $DEV --grid $GRID --dtypes bf16 --reps 10 "${LAYER_SHAPE[@]}" --json
 # full-size runs: RUN_STEPS steps with an eval and a checkpoint, then a new process resumes to 2 x RUN_STEPS
 export SOMOE_CACHE="$OUT/cache"
 for preset in seed000_gpt2 seed000_some; do
   run=(--preset $preset --out "$OUT/run_$preset" --no-progress data.source=builtin train.device=$DEV
        train.compile=step train.compile_backend=$BACKEND train.eval_every=0 train.eval_batches=$EVAL_BATCHES
-       train.log_every=$LOG_EVERY train.ckpt_every=0 "${RUN_MODE[@]}" "${TINY[@]}")
-  step "run_$preset" 55 $SOMOE train "${run[@]}" train.max_steps=$RUN_STEPS
-  step "resume_$preset" 40 $SOMOE train "${run[@]}" train.max_steps=$((2 * RUN_STEPS)) --resume auto
+       train.log_every=$LOG_EVERY train.ckpt_every=0 "${RUN_MODE[@]}" "${TINY[@]}" "${RUN_DATA[@]}")
+  step "run_$preset" 50 $SOMOE train "${run[@]}" train.max_steps=$RUN_STEPS
+  step "resume_$preset" 30 $SOMOE train "${run[@]}" train.max_steps=$((2 * RUN_STEPS)) --resume auto
 done
 python3 - "$OUT" <<'EOF' | tee -a "$LOG"
 import json, math, pathlib, sys
