@@ -120,7 +120,8 @@ def _train_step(model, cfg, mode: str, backend: str, x: torch.Tensor, ours: bool
         optimizer = build_optimizer(model, cfg.train, dev.type, capturable=True)
         step = CompiledStep(model, optimizer, cfg.train, dev, autocast_factory("bf16", dev), 1, backend=backend,
                             cuda_graphs=mode == "cudagraphs")
-        return lambda: step([(x, x)], 10_000, 10_000, cfg.train.lr)
+        host = x.cpu()  # batches come from the host, as the trainer's do (the step copies them over)
+        return lambda: step([(host, host)], 10_000, 10_000, cfg.train.lr)
     run = _compiled(model, mode, backend)
     loss_fn = (lambda: run(x, x).loss) if ours else (lambda: run(input_ids=x, labels=x).loss)
     return _step(loss_fn, model, build_optimizer(model, cfg.train, dev.type), "bf16", dev)

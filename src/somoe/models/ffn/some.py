@@ -21,6 +21,7 @@ part of a checkpoint).
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
