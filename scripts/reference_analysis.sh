@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The reference analysis of docs/analysis/ (issue 6): train cpu_some on real TinyStories text,
+# The reference analysis of docs/analysis/: train cpu_some on real TinyStories text,
 # draw its knowledge galaxies (somoe analyze) and run ablation C against an out-of-domain book
 # (somoe adapt). Rerunnable as is: a finished run is reused, an interrupted one resumes, and a run
 # trained under an older cpu_some preset (or other overrides) is retrained from scratch.
 #
-#   scripts/reference_analysis.sh                       # 400 steps (cpu_some's budget)
-#   STEPS=200 scripts/reference_analysis.sh             # shorter (docs/analysis/ used the default 400)
+#   scripts/reference_analysis.sh                       # 960 steps (cpu_some's budget)
+#   STEPS=480 scripts/reference_analysis.sh             # shorter
 #   scripts/reference_analysis.sh model.some.top_k=4    # extra overrides for the training run
 #
 # Env: DATA (folder with train.txt, dev.txt), OOD (text file), RUN (run folder), OUT (figures),
@@ -16,7 +16,7 @@ DATA=${DATA:-../shared/data/tinystories}
 OOD=${OOD:-../shared/data/ood/sherlock_holmes_adventures.txt}
 RUN=${RUN:-runs/reference/cpu_some}
 OUT=${OUT:-docs/analysis}
-STEPS=${STEPS:-400}
+STEPS=${STEPS:-960}
 SOMOE=${SOMOE:-.venv/bin/somoe}
 PYTHON=${PYTHON:-.venv/bin/python}
 NICE="nice -n 5"  # the dev box's CPUs are shared

@@ -1,9 +1,10 @@
-"""Mutation check of the SoME router and gate lines: each mutant is applied to a private copy of src/
+"""Mutation check of the SoME router, gate and key-update lines: each mutant is applied to a private copy of src/
 and tests/ (the working tree is never edited), then the reference test and the older SoME tests run.
 
     python scripts/some_mutants.py [MUTANT ...]      (default: all; prints killed / SURVIVED per mutant)
 
-A mutant whose original line is in neither some.py nor some_router.py is reported as "line not found": update its text.
+A mutant whose original line is in none of some.py, some_router.py and some_update.py is reported as "line not
+found": update its text.
 """
 import os
 import pathlib
@@ -33,6 +34,10 @@ MUTANTS = {
         "base = self.cfg.router_temperature_eval if self.training else self.cfg.router_temperature_train"),
     "layerscale-dropped": ("y_TD = y_TD * self.out_scale.to(y_TD.dtype)", "y_TD = y_TD"),
     "key-ema-ignored": ("return self.key_route if self.cfg.key_ema > 0 else self.key_store", "return self.key_store"),
+    "repulsion-sign": ("delta_ED += rules.repulsion_delta(keys_ED, r.beta)", "delta_ED -= rules.repulsion_delta(keys_ED, r.beta)"),
+    "keys-not-renormalised": ("new_ED = F.normalize(new_ED, dim=1)", "new_ED = new_ED"),
+    "dormancy-ignores-token-fraction": ("slots / c.update_token_fraction, c.theta", "slots, c.theta"),
+    "query-mean-first-update-uses-ema": ("torch.where(first, total / tokens,", "torch.where(first & False, total / tokens,"),
 }
 
 
@@ -47,7 +52,7 @@ def run(tests: list[str]) -> str:
 def main(only: list[str]) -> None:
     shutil.copytree(MAIN / "src", WORK / "src")
     shutil.copytree(MAIN / "tests", WORK / "tests")
-    files = [WORK / "src/somoe/models/ffn" / name for name in ("some.py", "some_router.py")]
+    files = [WORK / "src/somoe/models/ffn" / name for name in ("some.py", "some_router.py", "some_update.py")]
     pristine = {f: f.read_text() for f in files if f.is_file()}
     baseline = run(["tests/models/test_some_reference.py"])
     print("unmutated reference test:", "passes" if baseline == "SURVIVED" else "FAILS", flush=True)

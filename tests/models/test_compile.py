@@ -1,6 +1,7 @@
 """torch.compile of a SoME model in fp32: the same losses and gradients as eager over several steps
-whose routing differs, and no frame compiled after the first step (an fp32 expert dispatch runs
-eagerly, models/dispatch.py says why; bf16 traces whole: test_compile_fullgraph.py)."""
+whose routing differs, and no frame compiled after the first step (the fp32 expert dispatch traces
+as the opaque op ``somoe::grouped_mm``, models/dispatch/plan.py; whole-graph checks are in
+test_compile_fullgraph.py)."""
 
 from __future__ import annotations
 

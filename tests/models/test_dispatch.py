@@ -182,17 +182,24 @@ def test_busy_experts_run_as_pieces_of_at_most_the_chunk():
     assert max(cap for _, _, cap, _ in padded_layout([9000, 40]).groups) == 512  # the defaults
 
 
-def test_padded_path_refuses_padding_far_beyond_the_loops_rows():
+def test_padded_path_refuses_padding_far_beyond_the_loops_rows(monkeypatch):
     """One busy expert among quiet ones: its group (all 6, PADDED_GROUP 8) would pad 5 experts from 32 to
     96 rows (576 rows against the loop's 256 at ROW_BUCKET 32), so the per-expert loop runs; balanced
-    counts take the bmm."""
+    counts take the bmm. fp32 takes it only for experts of at most FP32_PADDED_MAX_EXPERT_ELEMENTS."""
+    import somoe.models.dispatch as dispatch_module
+
     x = torch.zeros(1, D, dtype=torch.bfloat16)
     weights = make_experts(torch.bfloat16)
     lopsided = _padded_layout_if_faster(x, [80] + [5] * 5, torch.bfloat16, weights)
     balanced = _padded_layout_if_faster(x, [80, 70, 90, 65, 75, 85], torch.bfloat16, weights)
     assert lopsided is None
     assert balanced is not None and balanced.rows == 6 * 96
-    assert _padded_layout_if_faster(x, [80] * 6, torch.float32, weights) is None  # fp32 keeps the loop (MKL)
+    x32, weights32 = x.float(), make_experts()
+    assert _padded_layout_if_faster(x32, [80] * 6, torch.float32, weights32).rows == 6 * 96  # D * FF = 96 elements
+    monkeypatch.setattr(dispatch_module, "FP32_PADDED_MAX_EXPERT_ELEMENTS", D * FF - 1)
+    assert _padded_layout_if_faster(x32, [80] * 6, torch.float32, weights32) is None  # larger experts: the loop
+    assert _padded_layout_if_faster(x, [80] * 6, torch.bfloat16, weights) is not None  # bf16 whatever the size
+    assert _padded_layout_if_faster(x.half(), [80] * 6, torch.float16, make_experts(torch.float16)) is None
 
 
 def test_inside_autocast_the_experts_run_in_the_autocast_dtype():

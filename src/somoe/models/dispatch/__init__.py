@@ -27,7 +27,7 @@ slice while it is in cache, at row counts rounded up to ``ROW_BUCKET`` in bf16
 output, for the gates' gradient) and never the weights' copies.
 Weights stored in bf16 are computed in bf16 (CPU AMX, GPU tensor cores);
 inside autocast the autocast dtype is used; the result is cast back to the
-input dtype. bf16 frozen experts on CPU take a padded-bmm path
+input dtype. bf16 frozen experts on CPU (and small fp32 ones) take a padded-bmm path
 (:func:`padded_frozen_mlp`): experts sorted by load, in groups padded to a common row count
 (:func:`padded_layout`), a few ``bmm`` per op instead of one small matmul per expert.
 
@@ -46,7 +46,7 @@ from __future__ import annotations
 # Tunables, read at call time through the package (``tuning.X`` in the modules) so that tests and
 # scripts can patch them here.
 # oneDNN (CPU bf16/fp16 matmuls) builds a kernel for every new (rows, cols, inner) shape, ~0.4 ms each:
-# 10x a ~500 x 128 x 128 bf16 matmul itself on the dev box's AMX cores (scripts/onednn_shapes.py).
+# 10x a ~500 x 128 x 128 bf16 matmul itself on an AMX CPU (docs/performance-notes.md).
 # Expert slices have a new row count at every call, so on that path rows are rounded up to a multiple
 # of ROW_BUCKET: a few dozen shapes in all, cached after the first steps (fp32 goes to MKL's sgemm,
 # which has no such cost).
@@ -62,8 +62,8 @@ ROW_BUCKET = 32
 # time. Instead the experts (or their pieces, below) are sorted by size and cut into groups of
 # PADDED_GROUP, each padded only to its own largest, rounded up to ROW_BUCKET. A fixed group size and
 # bucketed caps keep the set of bmm shapes small (oneDNN builds a kernel per new shape, ~1.5 ms for
-# a bmm). Groups of 4 or 16, or cuts chosen by a cost model, timed within noise of 8
-# (scripts/padded_groups.py). The weights are gathered into that order, one temporary copy per
+# a bmm). Groups of 4 or 16, or cuts chosen by a cost model, timed within noise of 8 on
+# a 2-core CPU. The weights are gathered into that order, one temporary copy per
 # pass (0.7 ms for 64 experts' 16 MB in bf16), never saved: frozen experts are not held twice.
 PADDED_GROUP = 8
 # Experts with more slots run as several pieces of at most this many rows. oneDNN keeps a primitive
@@ -78,6 +78,14 @@ PADDED_CHUNK = 512
 # Fall back to the per-expert loop where the padded rows exceed this many times the loop's own
 # (bucketed) rows.
 PADDED_MAX_WASTE = 1.5
+# fp32 (MKL's sgemm, no per-shape kernel cost) takes the padded path only for small experts
+# (d_model * d_ffn elements at most this), where each per-expert matmul is so small that the loop's
+# per-call overhead dominates and the weights' gather into group order is cheap. cpu_some (128 x 128,
+# 64 slots per expert on average), forward+backward+AdamW steps alternated in one process on a
+# 2-core AVX2 CPU: 191 vs 234 ms median (trained checkpoint), 197 vs 269 (three-quarters trained),
+# 206 vs 233 (at initialisation). At 256 x 512 the gather costs more than the loop saves (64
+# experts of 64 rows: 150 vs 60 ms a layer), so larger experts keep the loop.
+FP32_PADDED_MAX_EXPERT_ELEMENTS = 128 * 256
 
 from .activation import _ActivationOnAten, _activation_grad, _aten_kernels  # noqa: E402
 from .expert_loop import _bucket, _round_up  # noqa: E402

@@ -28,7 +28,7 @@ def _aten_kernels(fn: Callable) -> Callable:
     kernel for every new shape. The per-expert loop's slices have a new row count at almost every
     call in training (fp32 rows are not bucketed): 128 slices of random rows took, through oneDNN,
     7.5 ms (GELU) and 27.1 ms (its gradient) in fp32 against 3.4 and 5.3 ms with ATen's kernels
-    (``python scripts/onednn_shapes.py``, dev box), and a cpu_some fp32 step spent ~230 of ~950 ms
+    (docs/performance-notes.md), and a cpu_some fp32 step spent ~230 of ~950 ms
     there. Whole-buffer calls (the padded path) keep oneDNN, whose kernel is 2x ATen's on one large
     bf16 tensor. The switch is global, so it brackets only the elementwise call: bf16 matmuls need
     oneDNN.

@@ -187,8 +187,12 @@ def grouped_mlp(x_SD: torch.Tensor, counts: Counts, w1_EDF: torch.Tensor, b1_EF:
 
 
 def _padded_layout_if_faster(x_SD: torch.Tensor, counts: Counts, dt: torch.dtype, weights) -> PaddedLayout | None:
-    """The padded path's layout where it wins: bf16 on CPU, frozen weights, rows within PADDED_MAX_WASTE."""
-    if dt != torch.bfloat16 or x_SD.device.type != "cpu" or _device_counts(counts):
+    """The padded path's layout where it wins: on CPU, frozen weights, rows within PADDED_MAX_WASTE; in
+    bf16, or in fp32 for small experts (FP32_PADDED_MAX_EXPERT_ELEMENTS)."""
+    if x_SD.device.type != "cpu" or _device_counts(counts):
+        return None
+    small = weights[0].shape[1] * weights[0].shape[2] <= tuning.FP32_PADDED_MAX_EXPERT_ELEMENTS
+    if not (dt == torch.bfloat16 or (dt == torch.float32 and small)):
         return None
     if any(w is not None and w.requires_grad for w in weights):
         return None

@@ -1,4 +1,5 @@
-"""The padded batched path: bf16 frozen experts on CPU as bmm over load-sorted expert groups."""
+"""The padded batched path: frozen experts on CPU (bf16, or small fp32 ones) as bmm over load-sorted expert
+groups."""
 
 from __future__ import annotations
 

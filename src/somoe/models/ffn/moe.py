@@ -12,7 +12,7 @@ even under autocast: bf16 logits tie and flip the top-k choice.
 
 Router and noise weights start at zero (Shazeer et al., appendix A): at
 initialization the noise alone spreads the tokens, and an upcycled layer
-(``somoe.upcycle``) with identical experts and a zero router has uniform
+(``somoe.experiments.upcycle``) with identical experts and a zero router has uniform
 gates, so it computes exactly the dense FFN it was copied from.
 
 With ``capacity_factor > 0`` each expert keeps at most ``ceil(cf * T * k / E)``
