@@ -148,6 +148,20 @@ def test_decay_of_dormant_experts_toward_the_mean_query_and_streaks():
     assert torch.allclose(layer.query_mean_ema, 0.0 * qbar + 1.0 * torch.tensor([0.0, 0.0, 1.0]))  # ema_decay 0
 
 
+def test_dormancy_counts_the_whole_step_when_statistics_saw_a_fraction_of_the_tokens():
+    """update_token_fraction 0.5: the 10 counted slots stand for 20 in the step, so expected slots are
+    usage * 20 = (10, 6, 0, 4) and only expert 2 is below theta 3; counted as 10 slots, (5, 3, 0, 2) would
+    also put expert 3 below it."""
+    layer = tiny_layer(decay=True, delta=0.1, theta=3.0, ema_decay=0.0, update_token_fraction=0.5)
+    set_stats(layer, count=[5.0, 3.0, 0.0, 2.0], q_total=[0.0, 4.0, 2.0], tokens=2.0)
+    layer.self_organize(0, 100)
+    assert layer.dormant_streak.tolist() == [0, 0, 1, 0]
+    full = tiny_layer(decay=True, delta=0.1, theta=3.0, ema_decay=0.0)  # every token seen: 10 slots
+    set_stats(full, count=[5.0, 3.0, 0.0, 2.0], q_total=[0.0, 4.0, 2.0], tokens=2.0)
+    full.self_organize(0, 100)
+    assert full.dormant_streak.tolist() == [0, 0, 1, 1]
+
+
 def test_key_norm_renormalises_after_the_update():
     layer = tiny_layer(attraction=True, alpha=0.1, key_norm=True)
     set_stats(layer, q_sum=ATTR_Q_SUM, gate=ATTR_GATE, count=[2.0, 0.0, 1.0, 1.0])
