@@ -44,6 +44,8 @@ DEV=cuda BACKEND=inductor STEPS=10 TINY=() GRID=128:8 LAYER_SHAPE=(--tokens 8192
 RUN_STEPS=300 LOG_EVERY=50 EVAL_BATCHES=40 RUN_MODE=(train.cuda_graphs=true train.precision=bf16) RUN_DATA=()
 if [[ ${DRY:-0} == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks the script, not the GPU
   DEV=cpu BACKEND=aot_eager STEPS=2 GRID=8:2 LAYER_SHAPE=(--tokens 64 --d-model 32 --d-ffn 16)
+  LAYER_DTYPES=fp32  # bf16 is emulated (~30x slower) on CPUs without AMX
+  export OMP_NUM_THREADS=1  # tiny ops on shared cores: OpenMP hand-offs would dominate (docs/performance-notes.md)
   RUN_STEPS=4 LOG_EVERY=2 EVAL_BATCHES=2 RUN_MODE=(train.precision=fp32)
   RUN_DATA=(model.vocab_size=320 data.builtin_train_stories=100 data.builtin_val_stories=20 data.tokenizer_train_stories=100)
   TINY=(model.d_model=32 model.n_layers=1 model.n_heads=2 model.vocab_size=64 model.max_seq_len=16 data.seq_len=16
@@ -65,7 +67,7 @@ for preset in seed000_gpt2 seed000_some seed003_nanogpt_moe; do
   step "gpu_$preset.json" ${GPU_LIMIT[$preset]} $SOMOE bench gpu --device $DEV --backend $BACKEND --presets $preset --modes $modes \
     --steps $STEPS --json "${TINY[@]}"
 done
-step layer.json 40 $SOMOE bench layer --device $DEV --grid $GRID --dtypes bf16 --reps 10 "${LAYER_SHAPE[@]}" --json
+step layer.json 40 $SOMOE bench layer --device $DEV --grid $GRID --dtypes ${LAYER_DTYPES:-bf16} --reps 10 "${LAYER_SHAPE[@]}" --json
 # full-size runs: RUN_STEPS steps with an eval and a checkpoint, then a new process resumes to 2 x RUN_STEPS
 export SOMOE_CACHE="$OUT/cache"
 for preset in seed000_gpt2 seed000_some; do
