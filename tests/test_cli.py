@@ -41,6 +41,27 @@ def test_eval_on_a_local_file_counts_its_bytes(tiny_run, tmp_path, capsys):
     assert result["bytes"] == sum(len(s.encode()) for s in stories) + len(stories)  # +1 per story end
 
 
+def test_eval_seq_len_scores_the_same_tokens_in_other_windows(tiny_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(tiny_run), "--json", "--device", "cpu"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tiny_run), "--json", "--device", "cpu", "--seq-len", "8"]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert (default["seq_len"], short["seq_len"]) == (32, 8)
+    # every token after the first is scored once whatever the window; only its context changes
+    assert (short["tokens"], short["bytes"]) == (default["tokens"], default["bytes"])
+    assert abs(short["loss"] - default["loss"]) > 1e-4
+
+
+@pytest.mark.parametrize("seq_len,message", [("128", "learned position embeddings stop at model.max_seq_len=32"),
+                                             ("1", "too short")])
+def test_eval_seq_len_refuses_windows_the_model_cannot_score(tiny_run, capsys, seq_len, message):
+    capsys.readouterr()
+    assert main(["eval", str(tiny_run), "--device", "cpu", "--seq-len", seq_len]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "--seq-len" in err and len(err.splitlines()) == 1
+
+
 def test_generate_prints_each_prompt(tiny_run, capsys):
     capsys.readouterr()
     assert main(["generate", str(tiny_run), "--prompt", "Once upon", "--prompt", "Tom", "--greedy",

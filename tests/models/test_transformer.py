@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,28 @@ def test_cached_forward_refuses_to_run_past_max_seq_len():
     cache.length = 31
     with pytest.raises(ValueError, match="max_seq_len"):
         model(random_ids(1, 2), cache=cache)
+
+
+@pytest.mark.parametrize("backbone,positions", [b for b in BACKBONES if b[1] != "learned"])
+def test_extended_context_equals_a_model_built_for_the_longer_context(backbone, positions):
+    model = tiny_model(backbone, positions)
+    longer = build_model(replace(model.cfg, max_seq_len=64)).eval()
+    longer.load_state_dict(model.state_dict())
+    idx_BT = random_ids(2, 64)
+    with torch.no_grad():
+        short_BTV = model(idx_BT[:, :32]).logits
+        model.extend_context(64)
+        extended_BTV, reference_BTV = model(idx_BT).logits, longer(idx_BT).logits
+    assert model.cfg.max_seq_len == 64
+    assert (extended_BTV - reference_BTV).abs().max().item() < 1e-6
+    assert (extended_BTV[:, :32] - short_BTV).abs().max().item() < 1e-5  # causal: the first 32 are unchanged
+
+
+def test_learned_positions_refuse_a_longer_context():
+    model = tiny_model(positions="learned")
+    model.extend_context(16)  # shorter: nothing to do
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        model.extend_context(33)
 
 
 def test_loss_ignores_padding_targets():

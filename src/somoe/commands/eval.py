@@ -9,9 +9,9 @@ def cmd_eval(args) -> int:
     from ..evaluate.scoring import evaluate_run
 
     result = evaluate_run(args.run, data=args.data, adapt=args.adapt, max_batches=args.batches,
-                          which=args.checkpoint, device=args.device)
+                          which=args.checkpoint, device=args.device, seq_len=args.seq_len)
     return print_result(args, result, f"loss {result['loss']:.4f} | ppl {result['ppl']:.3f} | bpb {result['bpb']:.4f} | "
-                                      f"{result['tokens']:,} tokens, {result['bytes']:,} bytes")
+                                      f"{result['tokens']:,} tokens, {result['bytes']:,} bytes, {result['seq_len']}-token windows")
 
 
 def register(sub) -> None:
@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--adapt", action="store_true", help="let SoME keys self-organize during eval (ablation C)")
     p.add_argument("--batches", type=int, default=0, help="cap on eval batches (0 = all)")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="score in windows of this many tokens (0 = the run's data.seq_len; longer ones need "
+                        "RoPE or sinusoidal positions, untrained past the run's length)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)

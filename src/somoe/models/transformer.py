@@ -8,7 +8,7 @@ the registry (``model.ffn``), so dense, MoE and SoME share everything else.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,23 @@ class LM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
+
+    def extend_context(self, max_len: int) -> None:
+        """Accept windows of up to ``max_len`` tokens (for scoring at a longer context than trained).
+
+        RoPE and sinusoidal tables are computed, so they extend; positions past the trained length were
+        never trained on, so such scores measure how the model extrapolates. Learned position
+        embeddings have no rows there: ``ValueError``."""
+        if max_len <= self.cfg.max_seq_len:
+            return
+        if self.cfg.positions == "learned":
+            raise ValueError(f"learned position embeddings stop at model.max_seq_len={self.cfg.max_seq_len}")
+        device = self.tok_emb.weight.device
+        if self.cfg.positions == "sinusoidal":
+            self.pos_table = sinusoidal_table(max_len, self.cfg.d_model).to(device)
+        if self.rotary is not None:
+            self.rotary = Rotary(self.cfg.head_dim, max_len, self.cfg.rope_base).to(device)
+        self.cfg = replace(self.cfg, max_seq_len=max_len)
 
     # --- forward -----------------------------------------------------------
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None,
