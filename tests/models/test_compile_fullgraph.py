@@ -16,7 +16,9 @@ from somoe.models.dispatch import static_dispatch
 TINY = ("model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16",
         "data.seq_len=16", "train.batch_size=2", "model.d_ffn=64", "model.some.num_experts=8", "model.some.top_k=5",
         "model.some.d_ffn=16", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.d_ffn=16",
-        "model.some.entropy_band=[1.0,1.5]")
+        "model.some.entropy_band=[1.0,1.5]",
+        # cpu_some itself starts at its final k: the ramp is switched on to test it
+        "model.some.topk_warmup=0.1", "model.some.topk_ramp=0.1")
 SMOLLM = ("model.backbone=smollm", "model.positions=rope", "model.activation=swiglu")
 CASES = [("cpu_gpt2", ()), ("cpu_moe", ("model.moe.noise_start_step=2",)), ("cpu_some", ()),
          ("seed000_some", ("model.some.lora_rank=2",)), ("cpu_some", SMOLLM), ("cpu_moe", SMOLLM)]

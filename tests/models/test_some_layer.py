@@ -345,6 +345,17 @@ def test_seed000_counts_follow_the_spec_formula():
     assert counts["total"] == trainable + 8 + frozen
 
 
+def test_cpu_some_trains_as_many_parameters_as_cpu_gpt2():
+    """The main job compares at equal trainable size: cpu_some's query MLP (d -> 512 -> d) has the
+    dense FFN's count, plus a LayerScale gain per channel and a temperature per layer."""
+    with torch.device("meta"):
+        gpt2 = LM(load_config(preset="cpu_gpt2").model).param_counts()
+        some = LM(load_config(preset="cpu_some").model).param_counts()
+    ffn = 128 * 512 + 512 + 512 * 128 + 128
+    assert some["trainable"] == gpt2["trainable"] - 4 * ffn + 4 * (ffn + 128 + 1)
+    assert some["total"] == some["trainable"] + 4 * 128 * (2 * 128 * 128 + 128 + 128)
+
+
 def test_mlp_query_net_has_the_asked_hidden_width():
     layer = make_layer(query_net="mlp", query_hidden=40)
     assert sum(p.numel() for p in layer.query.parameters()) == D * 40 + 40 + 40 * D + D
