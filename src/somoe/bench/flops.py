@@ -17,9 +17,14 @@ def dense_ffn(T: int, d: int, hidden: int, gated: bool = False, backward: bool =
     return (3 if gated else 2) * linear(T, d, hidden, backward=backward)
 
 
-def some_layer(T: int, d: int, E: int, k: int, d_ffn: int, backward: bool = True) -> int:
-    """Query net (d x d, trained), scores against E keys (backward: the query's gradient only), frozen experts."""
-    router = linear(T, d, d, backward=backward) + 2 * T * d * E * (2 if backward else 1)
+def some_layer(T: int, d: int, E: int, k: int, d_ffn: int, backward: bool = True, query_hidden: int = 0) -> int:
+    """Query net (trained: d x d, or d -> query_hidden -> d when query_hidden > 0), scores against
+    E keys (backward: the query's gradient only), frozen experts."""
+    if query_hidden:
+        query = linear(T, d, query_hidden, backward=backward) + linear(T, query_hidden, d, backward=backward)
+    else:
+        query = linear(T, d, d, backward=backward)
+    router = query + 2 * T * d * E * (2 if backward else 1)
     return router + 2 * linear(T * k, d, d_ffn, trained=False, backward=backward)
 
 
