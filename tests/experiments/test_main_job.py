@@ -56,9 +56,10 @@ def test_active_flops_count_only_the_routed_experts():
     d, L, V, S = gpt2.d_model, gpt2.n_layers, gpt2.vocab_size, gpt2.max_seq_len
     shared = L * (2 * 4 * d * d + 2 * S * d) + 2 * d * V  # attention projections, causal scores/values, head
     assert active_flops_per_token(gpt2) == pytest.approx(shared + L * 2 * 2 * d * gpt2.d_ffn)
-    k, width = some.some.top_k, some.some.d_ffn  # query net d x d, scores against E keys, k experts
+    k, width, h = some.some.top_k, some.some.d_ffn, some.some.query_hidden  # query MLP, scores against E keys, k experts
+    assert some.some.query_net == "mlp"
     assert active_flops_per_token(some) == pytest.approx(
-        shared + L * (2 * d * d + 2 * d * some.some.num_experts + k * 2 * 2 * d * width))
+        shared + L * (2 * 2 * d * h + 2 * d * some.some.num_experts + k * 2 * 2 * d * width))
     m = moe.moe  # router d x E, top-k experts of the dense width
     assert active_flops_per_token(moe) == pytest.approx(
         shared + L * (2 * d * m.num_experts + m.top_k * 2 * 2 * d * (m.d_ffn or moe.d_ffn)))
