@@ -62,9 +62,8 @@ def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
     c, T = model_cfg, batch * seq
     if c.ffn == "some":
         s = c.some
-        query_hidden = (s.query_hidden or c.d_model) if s.query_net == "mlp" else 0
         ffn = flops.some_layer(T, c.d_model, s.num_experts, s.top_k, s.d_ffn, backward=backward,
-                               query_hidden=query_hidden)
+                               query_hidden=s.query_hidden_width(c.d_model))
     elif c.ffn == "moe":
         m = c.moe
         ffn = flops.moe_layer(T, c.d_model, m.num_experts, m.top_k, m.d_ffn or c.ffn_hidden,

@@ -126,3 +126,7 @@ class SoMEConfig:
     def cosine_scores(self) -> bool:
         """Cosine routing scores: asked for, or implied by L2-normalised keys."""
         return self.score == "cosine" or self.key_norm
+
+    def query_hidden_width(self, d_model: int) -> int:
+        """Hidden width of the query net: 0 for the linear one, else ``query_hidden`` (0 = d_model)."""
+        return (self.query_hidden or d_model) if self.query_net == "mlp" else 0

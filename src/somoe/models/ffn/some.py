@@ -57,9 +57,9 @@ def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]
 
 def build_query_net(cfg, d_model: int) -> nn.Module:
     """``linear``: d->d with bias (what the seeds' parameter counts imply); ``mlp``: d->h->d, GELU."""
-    if cfg.query_net == "linear":
+    hidden = cfg.query_hidden_width(d_model)
+    if not hidden:
         return nn.Linear(d_model, d_model, bias=True)
-    hidden = cfg.query_hidden or d_model
     return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
 
 
