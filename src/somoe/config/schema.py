@@ -78,7 +78,7 @@ class ModelConfig:
         """Refuse a shape whose largest weight no machine can hold, before anything allocates
         (PyTorch would fail deep inside with a storage-size overflow)."""
         sizes = {"vocab_size": self.vocab_size * self.d_model, "d_ffn": self.ffn_hidden * self.d_model}
-        if self.ffn == "some":
+        if self.ffn == "some" and self.some.expert_storage == "stored":
             sizes["some.d_ffn"] = self.some.num_experts * self.some.d_ffn * self.d_model
         if self.ffn == "moe":
             sizes["moe.num_experts"] = self.moe.num_experts * self.ffn_hidden * self.d_model

@@ -21,11 +21,24 @@ class SoMEConfig:
     sparsity: float = 0.9  # fraction of exact zeros per column for init_method=sparse
     expert_seed: int = 1234  # layer i draws its experts from a CPU generator seeded expert_seed + i
     expert_dtype: Literal["fp32", "bf16"] = "fp32"  # storage/compute dtype of the frozen experts
+    # stored: every expert generated once and held (E x 2 x d_model x d_ffn); procedural: each routed expert's
+    # weights computed on demand from (expert_seed, layer, expert id), never held (some_procedural.py)
+    expert_storage: Literal["stored", "procedural"] = "stored"
+    sign_bank_rows: int = 4096  # procedural: rows of each hashed sign table
     save_experts: Literal["seed", "weights"] = "seed"  # checkpoints store the seed (+hash) or the weights
     layer_scale: float = 0.0  # > 0: a trained per-channel gain on the layer's output, initialised to this (LayerScale)
     lora_rank: int = 0  # LoRA adapters on experts (0 = off)
     lora_alpha: float = 1.0
     # --- router --------------------------------------------------------------
+    # exhaustive: every token scores all num_experts keys (E x d_model keys); product: num_experts = n^2
+    # experts addressed by pairs of sub-keys, n per codebook, each head scoring 2n sub-keys (docs/some-layer.md)
+    router: Literal["exhaustive", "product"] = "exhaustive"
+    pk_heads: int = 1  # product: query heads, each retrieving top_k experts from the one shared pool
+    pk_dim: int = 0  # product: sub-key width d_k (half of a head's query); 0 = d_model // (2 * pk_heads)
+    # product: loss-free balancing; a per-sub-key bias added to the scores for selection only (never to the
+    # gates) and moved by this step toward the mean load after each optimizer step (0 = off)
+    selection_bias_rate: float = 0.0
+    query_batchnorm: bool = False  # product: BatchNorm of the queries before the split (PAD positions ignored)
     query_net: Literal["linear", "mlp"] = "linear"
     query_hidden: int = 0  # hidden width of the mlp query net; 0 = d_model
     # fp32: the router (query net, scores, top-k, gates) runs in fp32 inside a bf16/fp16 autocast forward;
@@ -115,8 +128,60 @@ class SoMEConfig:
             if low >= math.log(self.top_k):
                 raise ConfigError(f"model.some.entropy_band low={low} is unreachable: top_k={self.top_k} gates "
                                   f"have at most ln(top_k)={math.log(self.top_k):.3f} nats")
+        self._validate_product_keys()
+        self._validate_procedural()
         if self.lora_rank and self.lora_alpha <= 0:
             raise ConfigError(f"model.some.lora_alpha={self.lora_alpha} must be positive when lora_rank > 0")
+
+    def _validate_product_keys(self) -> None:
+        if self.router != "product":
+            return
+        n = self.subkeys_per_codebook
+        if n * n != self.num_experts:
+            raise ConfigError(f"model.some.router=product needs num_experts = n^2 (sub-key pairs); "
+                              f"{self.num_experts} is not a square: use {n * n} or {(n + 1) ** 2}")
+        if self.top_k > n:
+            raise ConfigError(f"model.some.top_k={self.top_k} exceeds the {n} sub-keys per codebook of "
+                              f"num_experts={self.num_experts}; lower top_k or add experts")
+        if self.pk_heads <= 0 or self.pk_dim < 0:
+            raise ConfigError("model.some.pk_heads must be positive and model.some.pk_dim >= 0")
+        unsupported = {"gamma": self.peer and self.gamma > 0, "aux_loss_coef": self.aux_loss_coef > 0,
+                       "topk_warmup": self.topk_warmup > 0}
+        for name, on in unsupported.items():
+            if on:
+                raise ConfigError(f"model.some.{name} is not available with model.some.router=product; set it to 0")
+        if self.selection_bias_rate < 0:
+            raise ConfigError(f"model.some.selection_bias_rate={self.selection_bias_rate} must be >= 0")
+
+    def _validate_procedural(self) -> None:
+        if self.expert_storage != "procedural":
+            return
+        if self.init_method not in ("normal", "sparse"):
+            raise ConfigError(f"model.some.expert_storage=procedural generates normal or sparse experts, not "
+                              f"{self.init_method!r}; set model.some.init_method=normal")
+        if self.expert_bias or self.lora_rank:
+            raise ConfigError("model.some.expert_storage=procedural experts have no biases and no LoRA; set "
+                              "model.some.expert_bias=false and model.some.lora_rank=0")
+        rows = self.sign_bank_rows
+        if rows < 2 or rows & (rows - 1):
+            raise ConfigError(f"model.some.sign_bank_rows={rows} must be a power of two >= 2")
+
+    @property
+    def subkeys_per_codebook(self) -> int:
+        """``n`` with ``num_experts = n^2`` (product router; rounded down when not a square)."""
+        return math.isqrt(self.num_experts)
+
+    def subkey_dim(self, d_model: int) -> int:
+        return self.pk_dim or max(1, d_model // (2 * self.pk_heads))
+
+    def query_width(self, d_model: int) -> int:
+        """Width of the query: d_model (exhaustive) or heads x 2 halves x d_k (product)."""
+        return 2 * self.pk_heads * self.subkey_dim(d_model) if self.router == "product" else d_model
+
+    @property
+    def slots_per_token(self) -> int:
+        """Routed expert slots per token: top_k per head."""
+        return self.top_k * (self.pk_heads if self.router == "product" else 1)
 
     @property
     def entropy_band_on(self) -> bool:

@@ -34,6 +34,8 @@ from .moe import switch_loss
 from .registry import register_ffn
 from .routing_tally import RoutingTally
 from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
+from .some_procedural import ProceduralExperts
+from .some_product import MaskedBatchNorm, codebook_rows, product_topk, selected_scores, subkey_scores
 from .some_router import cosine_scores
 from .some_update import SAMPLE_SEED_OFFSET, KeyUpdates, from_host
 
@@ -43,24 +45,40 @@ KEY_SEED_OFFSET = 1_000_003
 DRAW_TABLE = 64
 
 
-def statistic_shapes(c: SoMEConfig, E: int, D: int) -> dict[str, tuple[int, ...]]:
+def key_rows_shape(c: SoMEConfig) -> tuple[int, ...]:
+    """The leading shape of the key store: ``(E,)`` keys, or ``(G, n)`` sub-keys (G = 2 x heads codebooks)."""
+    if c.router == "product":
+        return (2 * c.pk_heads, c.subkeys_per_codebook)
+    return (c.num_experts,)
+
+
+def key_width(c: SoMEConfig, d_model: int) -> int:
+    return c.subkey_dim(d_model) if c.router == "product" else d_model
+
+
+def statistic_shapes(c: SoMEConfig, d_model: int) -> dict[str, tuple[int, ...]]:
     """The per-step accumulators (name -> shape); the optional ones exist only when their rule is on,
-    so switched-off features cost neither memory nor all-reduce volume."""
-    shapes = {"stat_q_sum": (E, D), "stat_gate": (E,), "stat_count": (E,), "stat_peer_sum": (E, D),
-              "stat_peer_mass": (E,), "stat_q_total": (D,), "stat_tokens": (), "stat_gate_entropy": ()}
+    so switched-off features cost neither memory nor all-reduce volume. Per key (or sub-key) row ``R``:
+    ``R x d`` sums and ``R`` masses and counts; per query ``Q`` (its width) the totals."""
+    R, d, Q = key_rows_shape(c), key_width(c, d_model), c.query_width(d_model)
+    shapes = {"stat_q_sum": (*R, d), "stat_gate": R, "stat_count": R, "stat_q_total": (Q,), "stat_tokens": (),
+              "stat_gate_entropy": ()}
+    if c.router == "exhaustive":  # the peer rule (co-selected keys) exists for whole keys only
+        shapes.update(stat_peer_sum=(*R, d), stat_peer_mass=R)
     if c.center_queries:
-        shapes["stat_q_raw_total"] = (D,)
+        shapes["stat_q_raw_total"] = (Q,)
     if c.decay and c.decay_target == "sample":
-        shapes.update(stat_q_samples=(E, D), stat_sample_draws=())
+        shapes.update(stat_q_samples=(*R, d), stat_sample_draws=())
     return shapes
 
 
 def build_query_net(cfg, d_model: int) -> nn.Module:
-    """``linear``: d->d with bias (what the seeds' parameter counts imply); ``mlp``: d->h->d, GELU."""
-    hidden = cfg.query_hidden_width(d_model)
+    """``linear``: d->Q with bias (what the seeds' parameter counts imply); ``mlp``: d->h->Q, GELU.
+    ``Q`` = d_model (exhaustive) or heads x 2 x d_k (product)."""
+    hidden, width = cfg.query_hidden_width(d_model), cfg.query_width(d_model)
     if not hidden:
-        return nn.Linear(d_model, d_model, bias=True)
-    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, d_model))
+        return nn.Linear(d_model, width, bias=True)
+    return nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
 @register_ffn("some")
@@ -72,7 +90,9 @@ class SoMELayer(KeyUpdates, FFN):
         self.cfg = c = cfg.some  # the evaluator flips cfg.adapt_at_inference on this object
         self.layer_idx, self.d_model = layer_idx, cfg.d_model
         E, D = c.num_experts, cfg.d_model
+        self.product = c.router == "product"
         self.query = build_query_net(c, D)
+        self.query_norm = MaskedBatchNorm(c.query_width(D)) if self.product and c.query_batchnorm else None
         # LayerScale (Touvron et al., 2021): frozen experts are variance-preserving, so unscaled they
         # would swamp a residual stream initialised at std 0.02; the trained gain lets the model decide
         self.out_scale = nn.Parameter(torch.empty(D)) if c.layer_scale > 0 else None
@@ -82,12 +102,18 @@ class SoMELayer(KeyUpdates, FFN):
             self.register_buffer("log_tau", torch.zeros(()))
         else:
             self.log_tau = None
-        self._register_state(E, D)
-        self._register_experts(E, D)
+        self._register_state(D)
+        self.procedural = None
+        if c.expert_storage == "procedural":
+            self.procedural = ProceduralExperts(E, D, c.d_ffn, c.init_method, c.sparsity, c.expert_seed,
+                                                layer_idx, c.sign_bank_rows)
+            self.register_buffer("expert_hash", torch.zeros(1, dtype=torch.int64))
+        else:
+            self._register_experts(E, D)
         self._register_lora(E, D)
         self.gather_always = False
         self.set_progress(0, 0)
-        RoutingTally.attach(self, c.num_experts)
+        RoutingTally.attach(self, c.num_experts, key_rows_shape(c) if self.product else None)
         self._experts_ready = False
         self._sample_gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + layer_idx + SAMPLE_SEED_OFFSET)
         # Host copy of ``som_updates`` (the key rules and the query-sample seeds read it): reading the
@@ -98,23 +124,27 @@ class SoMELayer(KeyUpdates, FFN):
         self.init_weights()
 
     # --- construction --------------------------------------------------------------------
-    def _register_state(self, E: int, D: int) -> None:
-        self.register_buffer("key_store", torch.empty(E, D))
-        self.register_buffer("usage_ema", torch.empty(E))
-        self.register_buffer("query_mean_ema", torch.empty(D))  # decay target of dormant keys
-        if self.cfg.center_queries:  # only then: checkpoints of uncentred layers keep their key set
-            self.register_buffer("query_center", torch.empty(D))  # running mean of the raw queries
-        self.register_buffer("dormant_streak", torch.empty(E, dtype=torch.int64))  # updates dormant in a row
+    def _register_state(self, D: int) -> None:
+        c = self.cfg
+        R, d, Q = key_rows_shape(c), key_width(c, D), c.query_width(D)
+        self.register_buffer("key_store", torch.empty(*R, d))  # keys (E x D) or sub-key codebooks (G x n x d_k)
+        self.register_buffer("usage_ema", torch.empty(R))
+        self.register_buffer("query_mean_ema", torch.empty(Q))  # decay target of dormant keys
+        if c.center_queries:  # only then: checkpoints of uncentred layers keep their key set
+            self.register_buffer("query_center", torch.empty(Q))  # running mean of the raw queries
+        self.register_buffer("dormant_streak", torch.empty(R, dtype=torch.int64))  # updates dormant in a row
         self.register_buffer("key_drift", torch.empty(()))  # mean ||dk_e|| of the last update
         self.register_buffer("som_updates", torch.empty((), dtype=torch.int64))
-        if self.cfg.key_ema > 0:
-            self.register_buffer("key_route", torch.empty(E, D))  # EMA of the keys, used for routing
+        if c.key_ema > 0:
+            self.register_buffer("key_route", torch.empty(*R, d))  # EMA of the keys, used for routing
+        if self.product and c.selection_bias_rate > 0:  # loss-free balancing, for selection only
+            self.register_buffer("selection_bias", torch.empty(R))
         # the current top-k on the device: a compiled forward reads it as a mask, so one graph serves
         # every k of the top-k warm-up
         self.register_buffer("top_k_live", torch.zeros((), dtype=torch.int64), persistent=False)
-        if self.cfg.decay and self.cfg.decay_target == "sample":  # this update's uniforms (_refresh_draws)
-            self.register_buffer("sample_u", torch.zeros(DRAW_TABLE, E, dtype=torch.float64), persistent=False)
-        self._statistics = statistic_shapes(self.cfg, E, D)
+        if c.decay and c.decay_target == "sample":  # this update's uniforms (_refresh_draws)
+            self.register_buffer("sample_u", torch.zeros(DRAW_TABLE, *R, dtype=torch.float64), persistent=False)
+        self._statistics = statistic_shapes(c, D)
         for name, shape in self._statistics.items():
             self.register_buffer(name, torch.empty(shape), persistent=False)
 
@@ -143,13 +173,18 @@ class SoMELayer(KeyUpdates, FFN):
         """Keys, usage, LoRA; experts are generated once (the LM calls this again after its own init)."""
         if self.key_store.is_meta:
             return
-        c, E = self.cfg, self.cfg.num_experts
+        c = self.cfg
         gen = torch.Generator(device="cpu").manual_seed(c.expert_seed + self.layer_idx + KEY_SEED_OFFSET)
-        keys_ED = F.normalize(torch.randn(self.key_store.shape, generator=gen, device="cpu"), dim=1)
+        keys_ED = F.normalize(torch.randn(self.key_store.shape, generator=gen, device="cpu"), dim=-1)
         self.key_store.copy_(keys_ED)
         if c.key_ema > 0:
             self.key_route.copy_(keys_ED)
-        self.usage_ema.fill_(1.0 / E)
+        self.usage_ema.fill_(1.0 / self.usage_ema.shape[-1])
+        if hasattr(self, "selection_bias"):
+            self.selection_bias.zero_()
+        if self.query_norm is not None:
+            self.query_norm.running_mean.zero_()
+            self.query_norm.running_var.fill_(1.0)
         for name in ("query_mean_ema", "dormant_streak", "key_drift", "som_updates"):
             getattr(self, name).zero_()
         self._updates_on_host = 0
@@ -171,11 +206,18 @@ class SoMELayer(KeyUpdates, FFN):
 
     def _recipe(self) -> str:
         c = self.cfg
+        if self.procedural is not None:
+            return self.procedural.recipe()
         return recipe(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
                       c.expert_seed + self.layer_idx, c.expert_bias, c.expert_dtype)
 
     def _generate_experts(self) -> None:
         c = self.cfg
+        if self.procedural is not None:  # the tables and matrices only; the digest samples some experts
+            self.procedural.generate()
+            self.expert_hash.fill_(self.procedural.digest())
+            self._experts_ready = True
+            return
         tensors = generate_experts(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
                                    c.expert_seed + self.layer_idx, c.expert_bias, DTYPES[c.expert_dtype])
         self.expert_hash.fill_(experts_digest(tensors, self._recipe()))
@@ -193,9 +235,15 @@ class SoMELayer(KeyUpdates, FFN):
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
         saved = state_dict.get(prefix + "expert_hash")
-        if self.cfg.save_experts != "seed" or saved is None or self.expert_hash.is_meta:
+        seed_only = self.cfg.save_experts == "seed" or self.procedural is not None
+        if not seed_only or saved is None or self.expert_hash.is_meta:
             return  # weights travel with the checkpoint, or strict loading reports the missing key
         saved, now = int(saved.flatten()[0]), int(self.expert_hash[0])
+        if saved != now and self.procedural is not None:
+            raise ExpertHashMismatch(
+                f"SoME layer {self.layer_idx}: procedural experts of generator {self._recipe()} digest to {now}, "
+                f"the checkpoint expects {saved}: it was made by another generator version or other settings; "
+                f"load it with the somoe version that trained it")
         if saved != now:
             raise ExpertHashMismatch(
                 f"SoME layer {self.layer_idx}: frozen experts regenerated from [{self._recipe()}] hash to {now}, "
@@ -203,10 +251,17 @@ class SoMELayer(KeyUpdates, FFN):
                 f"expert_dtype and torch generator, or train with model.some.save_experts=weights")
 
     def frozen_param_count(self) -> int:
-        """Frozen expert elements (buffers, so ``LM.param_counts`` adds them to the total)."""
+        """Frozen expert elements held as buffers (``LM.param_counts`` adds them to the total); procedural
+        experts hold none (:meth:`procedural_param_count`)."""
         c = self.cfg
+        if self.procedural is not None:
+            return 0
         per_expert = 2 * self.d_model * c.d_ffn + ((c.d_ffn + self.d_model) if c.expert_bias else 0)
         return c.num_experts * per_expert
+
+    def procedural_param_count(self) -> int:
+        """Frozen expert elements computed on demand, never held."""
+        return 0 if self.procedural is None else self.procedural.param_count()
 
     # --- routing -------------------------------------------------------------------------
     def set_progress(self, step: int, total_steps: int) -> None:
@@ -287,11 +342,22 @@ class SoMELayer(KeyUpdates, FFN):
         return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
                            lora=self._lora())
 
+    def _run_experts(self, x_TD: torch.Tensor, idx_TS: torch.Tensor, gates_TS: torch.Tensor,
+                     counts_E: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_s gates[t, s] * Expert_{idx[t, s]}(x_t)``: procedural experts per slot, or the dispatch."""
+        if self.procedural is not None:
+            return self.procedural(x_TD, idx_TS, gates_TS)
+        E = self.cfg.num_experts
+        return dispatch(x_TD, idx_TS, gates_TS, self._experts, E, compute_dtype(x_TD, self.expert_w1.dtype),
+                        counts_E=expert_counts(idx_TS, E) if counts_E is None else counts_E)
+
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``valid_BT`` (bool, optional): the positions that count. PAD positions (False) are computed
         like any token (their outputs are never scored) but stay out of every statistic: the key rules'
         accumulators, the usage tallies and readouts, and the aux loss."""
+        if self.product:
+            return self._forward_product(x_BTD, valid_BT)
         x_TD = x_BTD.reshape(-1, self.d_model)
         scores_TE, q_TD, q_raw_TD = self._scores(x_TD)
         live_K = None
@@ -300,8 +366,7 @@ class SoMELayer(KeyUpdates, FFN):
         else:
             idx_TK, gates_TK = self._select(scores_TE)
         counts_E = expert_counts(idx_TK, self.cfg.num_experts)  # routed slots per expert: the dispatch's
-        y_TD = dispatch(x_TD, idx_TK, gates_TK, self._experts, self.cfg.num_experts,
-                        compute_dtype(x_TD, self.expert_w1.dtype), counts_E=counts_E)
+        y_TD = self._run_experts(x_TD, idx_TK, gates_TK, counts_E)
         if self.out_scale is not None:
             y_TD = y_TD * self.out_scale.to(y_TD.dtype)
         weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
@@ -320,6 +385,102 @@ class SoMELayer(KeyUpdates, FFN):
                 if self._gathering():
                     self._accumulate(q_TD, q_raw_TD, idx_TK, gates32_TK, counted_E, weight_T, entropy, live_K)
         return y_TD.view_as(x_BTD), aux
+
+    # --- product-key routing (some_product.py) -------------------------------------------
+    def _forward_product(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each head's top-k pairs of sub-keys; the ``H k`` slots of a token share one expert pool."""
+        c = self.cfg
+        x_TD = x_BTD.reshape(-1, self.d_model)
+        T, n = x_TD.shape[0], c.subkeys_per_codebook
+        weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
+        q_TQ, q_raw_TQ, i_THk, j_THk, logits_THk = self._route_product(x_TD, weight_T)
+        gates_THk = torch.softmax(logits_THk.float() / self.temperature(), dim=-1)
+        expert_THk = i_THk * n + j_THk
+        y_TD = self._run_experts(x_TD, expert_THk.view(T, -1), gates_THk.view(T, -1))
+        if self.out_scale is not None:
+            y_TD = y_TD * self.out_scale.to(y_TD.dtype)
+        if not in_recompute():  # a checkpoint recompute has been counted by the first forward
+            with torch.no_grad():
+                g32_THk = gates_THk.detach().float()
+                # per token, the mean over heads of each head's gate entropy (the band's ln(k) bound holds)
+                entropy_T = torch.special.entr(g32_THk).sum(-1).mean(-1)
+                entropy = entropy_T.sum() if weight_T is None else entropy_T @ weight_T
+                tokens = T if weight_T is None else weight_T.sum()
+                rows_TH2k = codebook_rows(i_THk, j_THk, n)
+                self._tally.add_slots(expert_THk, rows_TH2k, weight_T, entropy, tokens)
+                if self._gathering():
+                    self._accumulate_product(q_TQ, q_raw_TQ, rows_TH2k, g32_THk, weight_T, entropy)
+        return y_TD.view_as(x_BTD), None
+
+    def _route_product(self, x_TD: torch.Tensor, weight_T: torch.Tensor | None):
+        """(query the scores used, raw query, i, j, selected scores over no temperature), in fp32 unless
+        ``router_dtype: autocast`` (as :meth:`_scores`)."""
+        if self.cfg.router_dtype == "autocast":
+            return self._product_router(x_TD, weight_T)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._product_router(x_TD.to(next(self.query.parameters()).dtype), weight_T)
+
+    def _product_router(self, x_TD: torch.Tensor, weight_T: torch.Tensor | None):
+        c = self.cfg
+        q_raw_TQ = q_TQ = self.query(x_TD)
+        if c.center_queries:
+            q_TQ = q_TQ - self.query_center.to(q_TQ.dtype)
+        if self.query_norm is not None:
+            q_TQ = self.query_norm(q_TQ, weight_T, update=not in_recompute())
+        keys_Gnd = self.routing_keys().to(q_TQ.dtype)
+        q_TGd = q_TQ.view(q_TQ.shape[0], keys_Gnd.shape[0], keys_Gnd.shape[-1])
+        cosine = c.cosine_scores
+        with torch.no_grad():  # the full table only selects; the gates' scores are recomputed below
+            table_TGn = subkey_scores(q_TGd.detach(), keys_Gnd, cosine)
+            bias_Gn = self.selection_bias if c.selection_bias_rate > 0 else None
+            i_THk, j_THk, _ = product_topk(table_TGn, c.top_k, bias_Gn)
+        logits_THk = selected_scores(q_TGd, keys_Gnd, i_THk, j_THk, cosine)
+        q_used_TQ = F.normalize(q_TGd, dim=-1).flatten(1) if cosine else q_TQ
+        return q_used_TQ, q_raw_TQ, i_THk, j_THk, logits_THk
+
+    @torch.no_grad()
+    def _accumulate_product(self, q_TQ: torch.Tensor, q_raw_TQ: torch.Tensor, rows_TH2k: torch.Tensor,
+                            g_THk: torch.Tensor, weight_T: torch.Tensor | None, entropy: torch.Tensor) -> None:
+        """Per sub-key (spec: product keys, section 2): the gate-weighted sum of its query halves, its gate
+        mass and its slot count, over every slot whose expert lies in its row (or column)."""
+        with torch.autocast(q_TQ.device.type, enabled=False):
+            q_TQ, q_raw_TQ = q_TQ.detach().float(), q_raw_TQ.detach().float()
+            if self.cfg.update_token_fraction < 1.0:
+                sample = self._token_sample(q_TQ.shape[0], q_TQ.device)
+                q_TQ, q_raw_TQ, rows_TH2k, g_THk = q_TQ[sample], q_raw_TQ[sample], rows_TH2k[sample], g_THk[sample]
+                weight_T = None if weight_T is None else weight_T[sample]
+                entropy = None
+            T, H, _, k = rows_TH2k.shape
+            d = self.key_store.shape[-1]
+            count_TH2k = rows_TH2k.new_ones(rows_TH2k.shape, dtype=torch.float32)
+            if weight_T is not None:  # PAD tokens: zero gates and zero counts
+                g_THk = g_THk * weight_T.view(T, 1, 1)
+                count_TH2k = count_TH2k * weight_T.view(T, 1, 1, 1)
+            g_TH2k = g_THk.unsqueeze(2).expand(T, H, 2, k)
+            rows_S = rows_TH2k.reshape(-1)
+            halves_TH2d = q_TQ.view(T, H, 2, d)
+            self.stat_q_sum.view(-1, d).index_add_(0, rows_S, (g_TH2k.unsqueeze(-1) * halves_TH2d.unsqueeze(3)
+                                                               ).reshape(-1, d))
+            self.stat_gate.view(-1).index_add_(0, rows_S, g_TH2k.reshape(-1))
+            self.stat_count.view(-1).index_add_(0, rows_S, count_TH2k.reshape(-1))
+            self.stat_q_total += q_TQ.sum(0) if weight_T is None else weight_T @ q_TQ
+            if self.cfg.decay and self.cfg.decay_target == "sample":
+                self._draw_query_samples(q_TQ, weight_T)
+            if self.cfg.center_queries:
+                self.stat_q_raw_total += q_raw_TQ.sum(0) if weight_T is None else weight_T @ q_raw_TQ
+            self.stat_tokens += T if weight_T is None else weight_T.sum()
+            if entropy is None:
+                entropy = torch.special.entr(g_THk).sum(-1).mean(-1).sum()
+            self.stat_gate_entropy += entropy
+
+    def _queries_at(self, q_TD: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+        """The query (or, per codebook, the query half) of token ``rows_R[r]`` for every key row ``r``."""
+        if not self.product:
+            return q_TD[rows_R]
+        G, d = self.key_store.shape[0], self.key_store.shape[-1]
+        book_G1 = torch.arange(G, device=q_TD.device).unsqueeze(1)
+        return q_TD.view(q_TD.shape[0], G, d)[rows_R, book_G1]
 
     def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor,
                   weight_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -408,7 +569,7 @@ class SoMELayer(KeyUpdates, FFN):
         else:  # the r-th counted token: the first row whose running count of counted tokens exceeds r
             rank_E = (u_E * weight_T.sum()).floor()
             rows_E = torch.searchsorted(weight_T.double().cumsum(0), rank_E, right=True).clamp_max(q_TD.shape[0] - 1)
-        self.stat_q_samples += q_TD[rows_E]
+        self.stat_q_samples += self._queries_at(q_TD, rows_E)
         self.stat_sample_draws += 1
 
     def som_statistics(self) -> list[torch.Tensor]:
@@ -448,12 +609,14 @@ class SoMELayer(KeyUpdates, FFN):
         return out
 
     def _key_readouts(self) -> dict[str, float]:
-        keys_ED = self.key_store.float()
-        E = keys_ED.shape[0]
-        unit_ED = F.normalize(keys_ED, dim=1)
-        cos_EE = unit_ED @ unit_ED.t()
-        off_EE = cos_EE[~torch.eye(E, dtype=torch.bool, device=cos_EE.device)]
-        out = {"key_norm_mean": float(keys_ED.norm(dim=1).mean())}
+        """Key norms and pairwise cosines (within each codebook, for sub-keys)."""
+        keys_GED = self.key_store.float()
+        keys_GED = keys_GED if keys_GED.dim() == 3 else keys_GED.unsqueeze(0)
+        E = keys_GED.shape[1]
+        unit_GED = F.normalize(keys_GED, dim=-1)
+        cos_GEE = unit_GED @ unit_GED.transpose(1, 2)
+        off_EE = cos_GEE[:, ~torch.eye(E, dtype=torch.bool, device=cos_GEE.device)]
+        out = {"key_norm_mean": float(keys_GED.norm(dim=-1).mean())}
         if E > 1:
             out.update(key_cos_mean=float(off_EE.mean()), key_cos_max=float(off_EE.max()))
         return out

@@ -4,6 +4,10 @@ Each rule returns a key displacement ``delta_ED`` (or a new usage vector, or a
 mask) from plain tensors, so tests can check it against hand computations and
 the layer composes them in the spec's order. ``E`` experts, ``D`` = d_model.
 Schedules take ``frac`` = step / total_steps in [0, 1].
+
+Every rule also takes leading batch dimensions, one independent key set each: the
+product-key router's codebooks are ``(G, n, d_k)`` (``G`` codebooks of ``n`` sub-keys),
+and repulsion, usage and dormancy act within a codebook, never across.
 """
 
 from __future__ import annotations
@@ -70,8 +74,8 @@ def attraction_delta(keys_ED: torch.Tensor, q_sum_ED: torch.Tensor, gate_mass_E:
                      alpha: float | torch.Tensor) -> torch.Tensor:
     """``alpha * (qbar_e - k_e)`` with ``qbar_e = Sq_e / G_e``, for experts with ``G_e > 0`` (else 0)."""
     used_E = gate_mass_E > 0
-    qbar_ED = q_sum_ED / gate_mass_E.clamp_min(1e-12).unsqueeze(1)
-    return torch.where(used_E.unsqueeze(1), alpha * (qbar_ED - keys_ED), torch.zeros_like(keys_ED))
+    qbar_ED = q_sum_ED / gate_mass_E.clamp_min(1e-12).unsqueeze(-1)
+    return torch.where(used_E.unsqueeze(-1), alpha * (qbar_ED - keys_ED), torch.zeros_like(keys_ED))
 
 
 def peer_delta(keys_ED: torch.Tensor, peer_sum_ED: torch.Tensor, peer_mass_E: torch.Tensor,
@@ -85,21 +89,21 @@ def peer_delta(keys_ED: torch.Tensor, peer_sum_ED: torch.Tensor, peer_mass_E: to
 
 
 def repulsion_delta(keys_ED: torch.Tensor, beta: float) -> torch.Tensor:
-    """``beta * mean_{e' != e} max(0, cos(k_e, k_e')) * (k_e - k_e')``."""
-    E = keys_ED.shape[0]
+    """``beta * mean_{e' != e} max(0, cos(k_e, k_e')) * (k_e - k_e')`` (within each leading index)."""
+    E = keys_ED.shape[-2]
     if E < 2:
         return torch.zeros_like(keys_ED)
-    unit_ED = F.normalize(keys_ED, dim=1, eps=1e-12)
-    w_EE = (unit_ED @ unit_ED.t()).clamp_min(0.0)
-    w_EE.fill_diagonal_(0.0)
+    unit_ED = F.normalize(keys_ED, dim=-1, eps=1e-12)
+    off_diagonal_EE = 1.0 - torch.eye(E, dtype=keys_ED.dtype, device=keys_ED.device)
+    w_EE = (unit_ED @ unit_ED.transpose(-1, -2)).clamp_min(0.0) * off_diagonal_EE
     # sum_e' w_ee' (k_e - k_e') = (sum_e' w_ee') k_e - (W K)_e
-    push_ED = w_EE.sum(1, keepdim=True) * keys_ED - w_EE @ keys_ED
+    push_ED = w_EE.sum(-1, keepdim=True) * keys_ED - w_EE @ keys_ED
     return beta * push_ED / (E - 1)
 
 
 def updated_usage(usage_E: torch.Tensor, counts_E: torch.Tensor, ema_decay: float) -> torch.Tensor:
     """``ema_decay * u + (1 - ema_decay) * n / sum(n)``; unchanged when nothing was routed."""
-    total = counts_E.sum()
+    total = counts_E.sum(-1, keepdim=True)
     updated_E = ema_decay * usage_E + (1.0 - ema_decay) * counts_E / total.clamp_min(1e-30)
     return torch.where(total > 0, updated_E, usage_E)  # decided on the device: no host read of the total
 
@@ -116,10 +120,10 @@ def dormant_mask(usage_E: torch.Tensor, slots_per_step: float | torch.Tensor, th
     """
     if theta > 0:
         return usage_E * slots_per_step < theta
-    m = int(math.floor(theta_percentile * usage_E.numel() + 1e-9))
+    m = int(math.floor(theta_percentile * usage_E.shape[-1] + 1e-9))
     if m <= 0:
         return torch.zeros_like(usage_E, dtype=torch.bool)
-    threshold = torch.sort(usage_E).values[m]
+    threshold = torch.sort(usage_E, dim=-1).values[..., m:m + 1]
     return usage_E < threshold
 
 
@@ -130,14 +134,14 @@ def decay_delta(keys_ED: torch.Tensor, dormant_E: torch.Tensor, target: torch.Te
     ``target`` is one point for every expert (D) or one per expert (E x D).
     """
     move_ED = delta * (target - keys_ED)  # broadcasts a (D,) target over the experts
-    return torch.where(dormant_E.unsqueeze(1), move_ED, torch.zeros_like(keys_ED))
+    return torch.where(dormant_E.unsqueeze(-1), move_ED, torch.zeros_like(keys_ED))
 
 
 def clip_rows(delta_ED: torch.Tensor, max_norm: float) -> torch.Tensor:
     """Scale each row down to L2 norm ``max_norm`` when longer (``max_norm <= 0`` = no clipping)."""
     if max_norm <= 0:
         return delta_ED
-    norms_E1 = delta_ED.norm(dim=1, keepdim=True)
+    norms_E1 = delta_ED.norm(dim=-1, keepdim=True)
     return delta_ED * (max_norm / norms_E1.clamp_min(max_norm))
 
 

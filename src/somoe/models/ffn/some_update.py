@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import some_rules as rules
+from .some_product import load_balance_step
 
 LOG_TAU_LIMIT = 3.0  # the entropy-band controller keeps tau's multiplier within e^-3..e^3
 SAMPLE_SEED_OFFSET = 2_000_003
@@ -116,31 +117,39 @@ class KeyUpdates:
         c = self.cfg
         slots = self.stat_count.sum()
         live = slots > 0 if live is None else live & (slots > 0)
+        # keys (E x D) or sub-key codebooks (G x n x d_k): every rule acts within a codebook (some_rules)
         keys_ED = self.key_store.float()
         delta_ED = torch.zeros_like(keys_ED)
         if c.attraction:
             delta_ED += rules.attraction_delta(keys_ED, self.stat_q_sum, self.stat_gate, r.alpha)
-        if c.peer:
+        if c.peer and "stat_peer_sum" in self._statistics:
             delta_ED += rules.peer_delta(keys_ED, self.stat_peer_sum, self.stat_peer_mass, r.gamma)
         if c.repulsion:
             delta_ED += rules.repulsion_delta(keys_ED, r.beta)
         usage_E = rules.updated_usage(self.usage_ema, self.stat_count, c.ema_decay if c.usage_ema else 0.0)
-        # expected slots of a whole step: the statistics may have seen only a fraction of the tokens
-        dormant_E = rules.dormant_mask(usage_E, slots / c.update_token_fraction, c.theta, c.theta_percentile)
+        # expected slots of a whole step (per codebook): the statistics may have seen a fraction of the tokens
+        slots_per_book = self.stat_count.sum(-1, keepdim=True)
+        dormant_E = rules.dormant_mask(usage_E, slots_per_book / c.update_token_fraction, c.theta,
+                                       c.theta_percentile)
         means = self._query_means()
         if c.decay:
+            # the mean query, split into each codebook's half: (1, D) or (G, 1, d_k)
+            mean_target = means[0].view(*keys_ED.shape[:-2], 1, keys_ED.shape[-1])
             target = (self.stat_q_samples / self.stat_sample_draws.clamp_min(1.0) if c.decay_target == "sample"
-                      else means[0])
+                      else mean_target)
             delta_ED += rules.decay_delta(keys_ED, dormant_E, target, r.delta)
         new_ED = keys_ED + rules.clip_rows(delta_ED, c.delta_clip)
         if c.key_norm:
-            new_ED = F.normalize(new_ED, dim=1)
+            new_ED = F.normalize(new_ED, dim=-1)
         pairs = [(self.usage_ema, usage_E), (self.dormant_streak, torch.where(dormant_E, self.dormant_streak + 1, 0)),
-                 (self.key_drift, (new_ED - keys_ED).norm(dim=1).mean()), (self.key_store, new_ED)]
+                 (self.key_drift, (new_ED - keys_ED).norm(dim=-1).mean()), (self.key_store, new_ED)]
         pairs += zip(self._query_mean_buffers(), means)
         if c.key_ema > 0:
             route_ED = c.key_ema * self.key_route + (1.0 - c.key_ema) * new_ED
-            pairs.append((self.key_route, F.normalize(route_ED, dim=1) if c.key_norm else route_ED))
+            pairs.append((self.key_route, F.normalize(route_ED, dim=-1) if c.key_norm else route_ED))
+        if hasattr(self, "selection_bias"):  # loss-free balancing of the product router's sub-keys
+            pairs.append((self.selection_bias, load_balance_step(self.selection_bias, self.stat_count,
+                                                                 c.selection_bias_rate)))
         self._entropy_band(live & k_full)  # before the commit: it reads the statistics, not the state above
         _commit(live, pairs)
 

@@ -20,7 +20,7 @@ from .base import Callback
 # The state the rules move. Left out: the per-step statistics (cleared in any case), and the update
 # counter with what derives from it (the layer mirrors it on the host and seeds its sample table by it).
 RULE_STATE = ("key_store", "key_route", "usage_ema", "query_mean_ema", "query_center", "dormant_streak",
-              "key_drift", "log_tau")
+              "key_drift", "log_tau", "selection_bias")
 
 
 def _self_organized_state(layer) -> list[torch.Tensor]:
