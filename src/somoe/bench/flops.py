@@ -28,6 +28,21 @@ def some_layer(T: int, d: int, E: int, k: int, d_ffn: int, backward: bool = True
     return router + 2 * linear(T * k, d, d_ffn, trained=False, backward=backward)
 
 
+def some_product_layer(T: int, d: int, n: int, k: int, heads: int, d_k: int, d_ffn: int, backward: bool = True,
+                       query_hidden: int = 0) -> int:
+    """Product-key SoME: query net (d -> heads x 2 x d_k), every sub-key of the 2 x heads codebooks scored
+    (selection only: no backward), the selected pairs' scores again with the query's gradient, and
+    heads x k frozen experts of width d_ffn per token."""
+    width = 2 * heads * d_k
+    if query_hidden:
+        query = linear(T, d, query_hidden, backward=backward) + linear(T, query_hidden, width, backward=backward)
+    else:
+        query = linear(T, d, width, backward=backward)
+    table = 2 * T * 2 * heads * n * d_k
+    selected = 2 * T * heads * k * 2 * d_k * (2 if backward else 1)
+    return query + table + selected + 2 * linear(T * heads * k, d, d_ffn, trained=False, backward=backward)
+
+
 def moe_layer(T: int, d: int, E: int, k: int, d_ffn: int, gated: bool = False, backward: bool = True) -> int:
     return linear(T, d, E, backward=backward) + (3 if gated else 2) * linear(T * k, d, d_ffn, backward=backward)
 

@@ -50,7 +50,7 @@ def active_params(model, cfg) -> int:
     c = cfg.model
     for ffn in model.ffns():
         if c.ffn == "some":  # frozen experts are buffers: the k a token uses
-            n += ffn.frozen_param_count() * c.some.top_k // c.some.num_experts
+            n += ffn.active_frozen_param_count()
         elif c.ffn == "moe":  # trainable experts were counted whole above: keep the k of E
             experts = sum(p.numel() for name, p in ffn.named_parameters() if name.startswith("expert_"))
             n -= experts - experts * c.moe.top_k // c.moe.num_experts

@@ -60,7 +60,12 @@ def hf_gpt2(model_cfg, device) -> torch.nn.Module:
 def model_flops(model_cfg, batch: int, seq: int, backward: bool = True) -> int:
     """Model FLOPs of one step (or forward) from the config: dense, MoE or SoME FFN per layer."""
     c, T = model_cfg, batch * seq
-    if c.ffn == "some":
+    if c.ffn == "some" and c.some.router == "product":
+        s = c.some
+        ffn = flops.some_product_layer(T, c.d_model, s.subkeys_per_codebook, s.top_k, s.pk_heads,
+                                       s.subkey_dim(c.d_model), s.d_ffn, backward=backward,
+                                       query_hidden=s.query_hidden_width(c.d_model))
+    elif c.ffn == "some":
         s = c.some
         ffn = flops.some_layer(T, c.d_model, s.num_experts, s.top_k, s.d_ffn, backward=backward,
                                query_hidden=s.query_hidden_width(c.d_model))

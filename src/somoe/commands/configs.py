@@ -19,8 +19,12 @@ def cmd_params(args) -> int:
 
     cfg = load_run_config(args)
     counts = count_params(cfg.model)
-    return print_result(args, counts, f"{cfg.name}: total {counts['total']:,} ({counts['total'] / 1e6:.2f}M), "
-                                      f"trainable {counts['trainable']:,} ({counts['trainable'] / 1e6:.2f}M)")
+    line = (f"{cfg.name}: total {counts['total']:,} ({counts['total'] / 1e6:.2f}M), "
+            f"trainable {counts['trainable']:,} ({counts['trainable'] / 1e6:.2f}M)")
+    if "procedural" in counts:
+        line += (f"; stored {counts['stored']:,} ({counts['stored'] / 1e6:.2f}M), procedural (computed on demand, "
+                 f"never held) {counts['procedural']:,} ({counts['procedural'] / 1e6:.2f}M)")
+    return print_result(args, counts, line)
 
 
 def register(sub) -> None:

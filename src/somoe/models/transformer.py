@@ -205,9 +205,14 @@ class LM(nn.Module):
             seen.add(id(p))
             total += p.numel()
             trainable += p.numel() if p.requires_grad else 0
+        procedural = 0
         for ffn in self.ffns():  # frozen experts kept as buffers still count as model parameters
             total += getattr(ffn, "frozen_param_count", lambda: 0)()
-        return {"total": total, "trainable": trainable}
+            procedural += getattr(ffn, "procedural_param_count", lambda: 0)()
+        counts = {"total": total, "trainable": trainable}
+        if procedural:  # experts computed on demand: parameters of the model, held nowhere
+            counts.update(stored=total, procedural=procedural, total=total + procedural)
+        return counts
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> LM:

@@ -259,6 +259,10 @@ class SoMELayer(KeyUpdates, FFN):
         per_expert = 2 * self.d_model * c.d_ffn + ((c.d_ffn + self.d_model) if c.expert_bias else 0)
         return c.num_experts * per_expert
 
+    def active_frozen_param_count(self) -> int:
+        """Frozen expert elements one token uses: its routed slots' experts."""
+        return self.cfg.slots_per_token * 2 * self.d_model * self.cfg.d_ffn
+
     def procedural_param_count(self) -> int:
         """Frozen expert elements computed on demand, never held."""
         return 0 if self.procedural is None else self.procedural.param_count()

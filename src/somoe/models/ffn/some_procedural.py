@@ -131,9 +131,14 @@ class ProceduralExperts(nn.Module):
         self.register_buffer("r1", torch.empty(d_model, d_ffn), persistent=False)
         self.register_buffer("r2", torch.empty(d_ffn, d_model), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_converted", None)  # moved or cast: convert again from the buffers
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
     def generate(self) -> None:
         """Fill the tables and matrices (on the CPU, then copied to wherever the buffers live)."""
+        self.__dict__.pop("_converted", None)
         d, m = self.d_model, self.d_ffn
         self.r1.copy_(bank_matrix(d, m, self.method, self.sparsity, stream_key(self.seed, self.layer, STREAM_R1)))
         self.r2.copy_(bank_matrix(m, d, self.method, self.sparsity, stream_key(self.seed, self.layer, STREAM_R2)))
@@ -151,16 +156,29 @@ class ProceduralExperts(nn.Module):
         """``sum_s gates[t, s] * Expert_{expert[t, s]}(x_t)`` for S slots per token (any gate dtype)."""
         T, S = expert_TS.shape
         rows = {name: r.reshape(-1) for name, r in self.table_rows(expert_TS).items()}
-        dtype = x_TD.dtype
+        # the autocast dtype inside autocast (bf16 matmuls on the CPU's AMX), else the input's
+        dtype = torch.get_autocast_dtype(x_TD.device.type) if torch.is_autocast_enabled(x_TD.device.type) else x_TD.dtype
+        tables = self._tables(dtype)
 
-        def signs(name: str) -> torch.Tensor:  # (T, S, width) in the compute dtype
-            table = getattr(self, f"signs_{name}")
-            return table.index_select(0, rows[name]).view(T, S, -1).to(dtype)
+        def signs(name: str) -> torch.Tensor:  # (T, S, width)
+            return tables[name].index_select(0, rows[name]).view(T, S, -1)
 
-        x_TSD = x_TD.unsqueeze(1) * signs("a")  # x diag(a_e), every slot at once
-        h_TSM = F.gelu((x_TSD @ self.r1.to(dtype)) * signs("b")) * signs("c")
-        y_TSD = (h_TSM @ self.r2.to(dtype)) * signs("o")
-        return torch.einsum("tsd,ts->td", y_TSD, gates_TS.to(dtype))
+        with torch.autocast(x_TD.device.type, enabled=False):
+            x_TSD = x_TD.to(dtype).unsqueeze(1) * signs("a")  # x diag(a_e), every slot at once
+            h_TSM = F.gelu((x_TSD @ tables["r1"]) * signs("b")) * (signs("c") * gates_TS.to(dtype).unsqueeze(-1))
+            y_TSD = (h_TSM @ tables["r2"]) * signs("o")
+            return y_TSD.sum(1)
+
+    def _tables(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The sign tables and matrices in the compute dtype, converted once per dtype and device (signs are
+        exact in any float dtype)."""
+        key = (dtype, self.r1.device)
+        cached = self.__dict__.get("_converted")
+        if cached is None or cached[0] != key:
+            tensors = {name: getattr(self, f"signs_{name}").to(dtype) for name in self.TABLES}
+            tensors.update(r1=self.r1.to(dtype), r2=self.r2.to(dtype))
+            cached = self.__dict__["_converted"] = (key, tensors)
+        return cached[1]
 
     @torch.no_grad()
     def expert_weights(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
