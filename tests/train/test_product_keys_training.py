@@ -50,7 +50,9 @@ def test_product_key_run_learns_and_resumes_exactly(tmp_path, data_cache):
     assert sa["blocks.0.ffn.selection_bias"].abs().sum() > 0  # the balancing moved
     evals = _rows(full, "eval")
     assert {"layer0/coverage", "layer0/usage_kl_uniform", "layer0/max_violation", "layer0/codebook_gini_max",
-            "layer0/coverage_slots", "layer0/dormant"} <= set(evals[-1])
+            "layer0/coverage_slots", "layer0/dormant", "layer0/run_coverage", "layer0/train_coverage"} <= set(evals[-1])
+    # over the run, training has routed at least what it routed since the last eval, and more than nothing
+    assert 0 < evals[-1]["layer0/train_coverage"] <= evals[-1]["layer0/run_coverage"] <= 1
 
 
 @pytest.mark.slow

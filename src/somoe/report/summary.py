@@ -62,7 +62,19 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         "middle_gini": [r.get(mid_key + "usage_gini") for r in evals if mid_key + "usage_gini" in r],
         "middle_entropy_bits": [r.get(mid_key + "usage_entropy_bits") for r in evals
                                 if mid_key + "usage_entropy_bits" in r],
+        # large-pool readouts of product-key layers (coverage, KL to uniform, MaxVio, codebooks)
+        "middle_pool": [{k: r[mid_key + k] for k in POOL_READOUTS if mid_key + k in r}
+                        for r in evals if mid_key + "codebook_gini_max" in r],
     }
+
+
+POOL_READOUTS = ("coverage", "coverage_slots", "usage_kl_uniform", "max_violation", "codebook_gini_max", "dormant")
+
+
+def _pool_line(p: dict) -> str:
+    return (f"    coverage {p['coverage']:.3f} (over {p['coverage_slots']:,.0f} slots), KL to uniform "
+            f"{p['usage_kl_uniform']:.3f} nats, MaxVio {p['max_violation']:.2f}, codebook Gini <= "
+            f"{p['codebook_gini_max']:.3f}, dormant sub-keys {p['dormant']:.0f}")
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -84,8 +96,11 @@ def write_summary(run_dir: Path) -> str:
     ]
     if s["middle_gini"]:
         lines.append(f"middle layer ({s['middle_layer']}) expert usage per eval:")
+        pool = s["middle_pool"] if len(s["middle_pool"]) == len(s["middle_gini"]) else []
         for i, (g, h) in enumerate(zip(s["middle_gini"], s["middle_entropy_bits"])):
             lines.append(f"  eval {i + 1}: gini {g:.3f}  entropy {h:.3f} bits")
+            if pool:
+                lines.append(_pool_line(pool[i]))
     text = "\n".join(lines) + "\n"
     (Path(run_dir) / "summary.txt").write_text(text, encoding="utf-8")
     return text

@@ -139,6 +139,10 @@ class SoMELayer(KeyUpdates, FFN):
             self.register_buffer("key_route", torch.empty(*R, d))  # EMA of the keys, used for routing
         if self.product and c.selection_bias_rate > 0:  # loss-free balancing, for selection only
             self.register_buffer("selection_bias", torch.empty(R))
+        if self.product:  # experts routed at least once in training: over the run (checkpointed), since the last eval
+            self.register_buffer("routed_ever", torch.empty(c.num_experts, dtype=torch.bool))
+            self.register_buffer("routed_since_eval", torch.zeros(c.num_experts, dtype=torch.bool), persistent=False)
+            self._train_coverage = 0.0
         # the current top-k on the device: a compiled forward reads it as a mask, so one graph serves
         # every k of the top-k warm-up
         self.register_buffer("top_k_live", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -182,6 +186,9 @@ class SoMELayer(KeyUpdates, FFN):
         self.usage_ema.fill_(1.0 / self.usage_ema.shape[-1])
         if hasattr(self, "selection_bias"):
             self.selection_bias.zero_()
+        if self.product:
+            self.routed_ever.zero_()
+            self.routed_since_eval.zero_()
         if self.query_norm is not None:
             self.query_norm.running_mean.zero_()
             self.query_norm.running_var.fill_(1.0)
@@ -413,6 +420,9 @@ class SoMELayer(KeyUpdates, FFN):
                 tokens = T if weight_T is None else weight_T.sum()
                 rows_TH2k = codebook_rows(i_THk, j_THk, n)
                 self._tally.add_slots(expert_THk, rows_TH2k, weight_T, entropy, tokens)
+                if self.training:  # O(slots): PAD positions route too, and count as routed
+                    for seen in (self.routed_ever, self.routed_since_eval):
+                        seen.index_fill_(0, expert_THk.reshape(-1), True)
                 if self._gathering():
                     self._accumulate_product(q_TQ, q_raw_TQ, rows_TH2k, g32_THk, weight_T, entropy)
         return y_TD.view_as(x_BTD), None
@@ -592,6 +602,9 @@ class SoMELayer(KeyUpdates, FFN):
     # --- readouts (section 4) ------------------------------------------------------------
     def reset_readouts(self) -> None:
         self._tally.reset()
+        if self.product:  # the evaluator resets before an eval: keep what training routed since the last one
+            self._train_coverage = float(self.routed_since_eval.float().mean())
+            self.routed_since_eval.zero_()
 
     def _apply(self, fn, recurse: bool = True):
         self._tally._apply(fn)  # the unregistered tally (RoutingTally.attach) follows .to()/.cuda()
@@ -602,6 +615,9 @@ class SoMELayer(KeyUpdates, FFN):
         """Usage inequality and gate entropy since ``reset_readouts``, plus the keys' current state."""
         out = self._tally.summary()
         out.update(self._key_readouts())
+        if self.product:
+            out["run_coverage"] = float(self.routed_ever.float().mean())  # share of experts training ever routed
+            out["train_coverage"] = self._train_coverage  # ... routed by training since the eval before
         out["dormant"] = float((self.dormant_streak > 0).sum())
         out["dormant_streak_max"] = float(self.dormant_streak.max())  # updates in a row, longest
         streaks = self.dormant_streak[self.dormant_streak > 0]
