@@ -38,6 +38,7 @@ class Sweep:
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
     runs: list[SweepRun] = field(default_factory=list)
+    scaling: str | None = None  # a dotted config key: figures against its value (analysis/scaling.py)
 
     def run_config(self, run: SweepRun, extra: list[str] = ()) -> RunConfig:
         """The resolved config of one run: base, sweep overrides, the run's, then the command line's."""
@@ -83,10 +84,10 @@ def load_sweep(name_or_path: str) -> Sweep:
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a YAML mapping with preset, overrides, runs and/or grid")
-    unknown = set(data) - {"name", "description", "preset", "config", "overrides", "runs", "grid"}
+    unknown = set(data) - {"name", "description", "preset", "config", "overrides", "runs", "grid", "scaling"}
     if unknown:
         raise ConfigError(f"{path}: unknown sweep key(s) {sorted(unknown)}; allowed: name, description, preset, "
-                          f"config, overrides, runs, grid")
+                          f"config, overrides, runs, grid, scaling")
     if bool(data.get("preset")) == bool(data.get("config")):
         raise ConfigError(f"{path}: give exactly one base, 'preset: NAME' or 'config: FILE'")
     config = data.get("config")
@@ -102,7 +103,8 @@ def load_sweep(name_or_path: str) -> Sweep:
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: run names repeat ({names}); give every run its own name")
     return Sweep(str(data.get("name") or path.stem), str(data.get("description") or ""), data.get("preset"),
-                 config, _as_overrides(data.get("overrides"), f"{path}: overrides"), runs)
+                 config, _as_overrides(data.get("overrides"), f"{path}: overrides"), runs,
+                 str(data["scaling"]) if data.get("scaling") else None)
 
 
 def run_status(run_dir: Path) -> tuple[str, int, int]:
@@ -156,5 +158,9 @@ def run_sweep(sweep: Sweep, out: str | Path, extra: list[str] = (), train: Calla
             return False
     table = compare_runs([out / run.name for run, _ in configs], out / "compare", title=sweep.name)
     log(table)
+    if sweep.scaling:
+        from ...analysis.scaling import scaling_report
+
+        log(scaling_report([out / run.name for run, _ in configs], sweep.scaling, out / "compare"))
     log(f"[{sweep.name}] report: {out / 'compare' / 'compare.md'}")
     return True
