@@ -24,9 +24,12 @@ def run_labels(run_dirs: list[Path], summaries: list[dict]) -> list[str]:
 
 def plot_comparison(run_dirs: list[Path], summaries: list[dict], labels: list[str], path: Path,
                     title: str = "") -> Path:
-    """Val loss vs tokens seen, vs training wall time, and best val ppl vs total parameters."""
+    """Val loss vs tokens seen, vs training wall time, val bpb vs training FLOPs, and best val ppl vs total
+    parameters."""
+    from .compute import bpb_against_flops
+
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     for i, (run, s) in enumerate(zip(run_dirs, summaries)):
         _, evals = read_metrics(run)
         color, name = f"C{i % 10}", labels[i]
@@ -34,14 +37,17 @@ def plot_comparison(run_dirs: list[Path], summaries: list[dict], labels: list[st
                      label=name)
         axes[1].plot([r.get("elapsed", 0.0) / 60 for r in evals], [r["val_loss"] for r in evals], "o-", ms=3,
                      color=color, label=name)
+        axes[2].plot(*bpb_against_flops(run), "o-", ms=3, color=color, label=name)
         if s["params_total"] and s["best_val_ppl"]:
-            axes[2].scatter(s["params_total"] / 1e6, s["best_val_ppl"], color=color, s=40)
-            axes[2].annotate(name, (s["params_total"] / 1e6, s["best_val_ppl"]), fontsize=7,
+            axes[3].scatter(s["params_total"] / 1e6, s["best_val_ppl"], color=color, s=40)
+            axes[3].annotate(name, (s["params_total"] / 1e6, s["best_val_ppl"]), fontsize=7,
                              xytext=(4, 4), textcoords="offset points")
     axes[0].set(xlabel="tokens seen (M)", ylabel="val loss (nats/token)", title="val loss vs tokens")
     axes[1].set(xlabel="training wall time (min)", ylabel="val loss (nats/token)", title="val loss vs wall time")
-    axes[2].set(xlabel="total parameters (M)", ylabel="best val perplexity", title="ppl vs total params")
-    for ax in axes[:2]:
+    axes[2].set(xscale="log", xlabel="training FLOPs (bench/flops)", ylabel="val bits per byte",
+                title="val bpb vs training compute")
+    axes[3].set(xlabel="total parameters (M)", ylabel="best val perplexity", title="ppl vs total params")
+    for ax in axes[:3]:
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)

@@ -70,19 +70,24 @@ def active_flops_per_token(model_cfg) -> float:
 
 
 def plot_bpb_curves(run_dirs: list[Path], labels: list[str], path: Path) -> Path:
-    """Validation bits per byte against tokens seen, one line per run, in one PNG."""
+    """Validation bits per byte against tokens seen and against training FLOPs, one line per run, in one PNG."""
+    from ..analysis.compute import bpb_against_flops
     from ..analysis.plots import pyplot, save
     from ..report.summary import read_metrics
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax_flops) = plt.subplots(1, 2, figsize=(13, 4.5))
     for i, (run, label) in enumerate(zip(run_dirs, labels)):
         evals = [r for r in read_metrics(run)[1] if r.get("val_bpb") is not None]
         ax.plot([r["tokens"] / 1e6 for r in evals], [r["val_bpb"] for r in evals], "o-", ms=3, color=f"C{i}",
                 label=label)
+        ax_flops.plot(*bpb_against_flops(run), "o-", ms=3, color=f"C{i}", label=label)
     ax.set(xlabel="tokens seen (M)", ylabel="validation bits per byte", title="main job: validation curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax_flops.set(xscale="log", xlabel="training FLOPs (forward + backward, bench/flops)",
+                 ylabel="validation bits per byte", title="at equal compute")
+    for axis in (ax, ax_flops):
+        axis.grid(alpha=0.3)
+        axis.legend()
     return save(fig, path)
 
 
@@ -135,7 +140,10 @@ def run_quickstart(args) -> int:
     for preset, text in samples.items():
         print(f"\n--- {preset} sample ---\n{SAMPLE_PROMPT}{text}")
     print(f"\nvalidation curves (bpb vs tokens): {plot_bpb_curves(run_dirs, presets, out / CURVES_PNG)}")
-    for line in [routing_line(p, s) for p, s in summaries.items()] + [verdict(summaries)]:
+    from ..analysis.compute import equal_compute_line
+
+    for line in [routing_line(p, s) for p, s in summaries.items()] + [verdict(summaries),
+                                                                      equal_compute_line(run_dirs, presets)]:
         if line:
             print(line)
     return 0
