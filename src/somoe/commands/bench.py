@@ -28,6 +28,8 @@ def register(sub) -> None:
     q.add_argument("--tokens", type=int, default=4096)
     q.add_argument("--d-model", type=int, default=256)
     q.add_argument("--d-ffn", type=int, default=512)
+    _router_arg(q, "cpu_some_pk's layer at N = 65,536 and 1,048,576 beside cpu_some's, with the time shares of "
+                   "scoring and top-k, weight generation, expert compute and the rules, and peak memory")
     q.set_defaults(func=cmd_layer)
 
     q = kinds.add_parser("train", help="tokens/s of training steps: presets vs cpu_gpt2 and transformers' GPT-2")
@@ -35,6 +37,7 @@ def register(sub) -> None:
     q.add_argument("--presets", default="", help="comma list (default cpu_gpt2,cpu_some,quickstart)")
     q.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     q.add_argument("--reference", default="cpu_gpt2", help="the preset the other presets' ratio is taken against")
+    _router_arg(q, "cpu_some_pk's training step at N = 1,024, 65,536 and 1,048,576 beside cpu_some's, with peak memory")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset, e.g. train.batch_size=8")
     q.set_defaults(func=cmd_train)
 
@@ -96,6 +99,21 @@ def register(sub) -> None:
     q.set_defaults(func=cmd_gpu)
 
 
+def _router_arg(q, product_help: str) -> None:
+    q.add_argument("--router", choices=("exhaustive", "product"), default="exhaustive",
+                   help=f"product: {product_help} (each row in its own process)")
+
+
+def _product_rows(args, kind: str) -> int:
+    from ..bench import product_keys
+
+    sizes = product_keys.LAYER_SIZES if kind == "layer" else product_keys.TRAIN_SIZES
+    dtype = _dtypes(args)[-1]  # one dtype: bf16 unless asked for fp32 alone
+    rows = product_keys.bench_product(kind, sizes, dtype, reps=min(args.reps, 3) if args.quick else args.reps,
+                                      rounds=1 if args.quick else 2, threads=args.threads)
+    return _emit(args, rows, product_keys.LAYER_COLUMNS if kind == "layer" else product_keys.TRAIN_COLUMNS, [])
+
+
 def _dtypes(args) -> tuple[str, ...]:
     from ..config import ConfigError
 
@@ -143,6 +161,8 @@ def _emit(args, rows: list[dict], columns: list[str], notes: list[str]) -> int:
 def cmd_layer(args) -> int:
     from ..bench import layer
 
+    if args.router == "product":
+        return _product_rows(args, "layer")
     _setup(args)
     grid = _grid(args.grid) if args.grid else (layer.QUICK_GRID if args.quick else layer.DEFAULT_GRID)
     notes: list[str] = []
@@ -154,6 +174,8 @@ def cmd_layer(args) -> int:
 def cmd_train(args) -> int:
     from ..bench import train
 
+    if args.router == "product":
+        return _product_rows(args, "train")
     _setup(args)
     presets = tuple(p for p in args.presets.split(",") if p) or (
         ("cpu_gpt2", "cpu_some") if args.quick else train.DEFAULT_PRESETS)
