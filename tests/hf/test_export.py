@@ -146,6 +146,27 @@ def test_tampered_expert_fails_the_hash_check_on_load(exports, tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 
 
+def test_procedural_experts_are_regenerated_not_stored_and_checked_on_load(hf_runs, exports, tmp_path):
+    """A procedural export holds no expert weight; its remote code regenerates every expert as somoe does, and
+    a digest that does not match (another generator) refuses the load."""
+    import shutil
+
+    exported = exports["gpt2_some_product"]
+    assert not any(".expert_" in k for k in load_file(str(exported.out / "model.safetensors")))
+    model = load_hf(exported)
+    ours = load_run(hf_runs["gpt2_some_product"], device="cpu").model.blocks[1].ffn.procedural
+    for e in (0, 5, 15):
+        for w_hf, w_ours in zip(model.transformer.blocks[1].ffn.procedural.weights(e), ours.expert_weights(e)):
+            assert torch.equal(w_hf, w_ours)
+    folder = tmp_path / "other-generator"
+    shutil.copytree(exported.out, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["some"]["procedural_digest"]["1"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match="layer 1: procedural experts regenerate to digest"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+
+
 def test_model_card_reports_the_runs_figures(hf_runs, exports):
     loaded = load_run(hf_runs["gpt2_some"], device="cpu")
     card = (exports["gpt2_some"].out / "README.md").read_text()

@@ -40,9 +40,9 @@ def active_params(loaded: LoadedRun, total: int) -> int:
             E, k = cfg.moe.num_experts, cfg.moe.top_k
             per_layer = sum(p.numel() for n, p in ffn.named_parameters() if n.startswith("expert_"))
         elif cfg.ffn == "some":
-            E, k = cfg.some.num_experts, ffn.top_k_now
-            per_layer = ffn.frozen_param_count() + sum(p.numel() for n, p in ffn.named_parameters()
-                                                       if n.startswith("lora_"))
+            E, k = cfg.some.num_experts, ffn.top_k_now * (cfg.some.pk_heads if ffn.product else 1)
+            per_layer = ffn.frozen_param_count() + ffn.procedural_param_count() + sum(
+                p.numel() for n, p in ffn.named_parameters() if n.startswith("lora_"))
         else:
             continue
         inactive += per_layer * (E - k) // E
@@ -58,6 +58,16 @@ def data_description(loaded: LoadedRun) -> str:
         return f"TinyStories (`{d.hub_dataset}`), first {d.hub_train_stories} train / {d.hub_val_stories} validation stories"
     return (f"somoe's built-in story corpus (`data.builtin_train_stories={d.builtin_train_stories}`, "
             f"`data.builtin_val_stories={d.builtin_val_stories}`)")
+
+
+def _experts_note(m) -> str:
+    """How the card's reader can trust the frozen experts."""
+    if m.ffn != "some":
+        return ""
+    if m.some.expert_storage == "procedural":
+        return (" Frozen experts are not stored: the remote code regenerates them from integer hashes and checks "
+                "a digest of a fixed sample (config.json `some.procedural_digest`) on load.")
+    return " Frozen experts are stored in model.safetensors; their sha256 (config.json `expert_sha256`) is checked on load."
 
 
 def model_card(loaded: LoadedRun, native: str | None) -> str:
@@ -103,7 +113,7 @@ print(tok.decode(model.generate(**ids, max_new_tokens=40, do_sample=False)[0]))
 ```
 
 The tokenizer prepends `[EOS]` (the token every training story follows), as `somoe generate` does.
-Logits equal somoe's within 1e-4 in fp32.{' Frozen experts are stored in model.safetensors; their sha256 (config.json `expert_sha256`) is checked on load.' if m.ffn == 'some' else ''}
+Logits equal somoe's within 1e-4 in fp32.{_experts_note(m)}
 
 ## Licence
 

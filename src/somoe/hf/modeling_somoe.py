@@ -13,7 +13,11 @@ frozen random experts, optional LoRA adapters and LayerScale). Training-only par
 (router noise, the keys' update rules, auxiliary losses) are not here.
 
 Frozen SoME experts are stored in ``model.safetensors``; ``config.expert_sha256`` holds
-the sha256 of each layer's expert tensors, checked after ``from_pretrained``.
+the sha256 of each layer's expert tensors, checked after ``from_pretrained``. Procedural experts
+(``some.expert_storage: procedural``) are not stored: each routed expert is regenerated from integer
+hashes of (seed, layer, expert id), and ``some.procedural_digest`` (a digest of a fixed sample of
+experts) is checked after ``from_pretrained``. The product-key router (``some.router: product``) picks
+each head's top-k pairs of sub-keys from two codebooks.
 """
 
 import hashlib
@@ -35,6 +39,123 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 
 class ExpertHashError(RuntimeError):
     """Frozen expert weights that differ from the ones the model was exported with."""
+
+
+# --- procedural frozen experts (somoe.models.ffn.some_procedural, integer hashes only) -----------
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & MASK32
+    return (x >> 16) ^ x
+
+
+def stream_key(seed, layer, stream):
+    key = mix32((seed & MASK32) ^ 0x9E3779B9)
+    key = mix32(key ^ ((seed >> 32) & MASK32))
+    key = mix32(key ^ (layer * 0x85EBCA6B & MASK32))
+    return mix32(key ^ (stream * 0xC2B2AE35 & MASK32))
+
+
+def hashed(counter, key):
+    return mix32(mix32(counter ^ key) ^ ((key * 0x27D4EB2F) & MASK32))
+
+
+def uniforms(count, key):
+    i = torch.arange(count, dtype=torch.int64)
+    hi, lo = hashed(2 * i, key) >> 6, hashed(2 * i + 1, key) >> 5
+    return (((hi << 27) + lo).double() + 0.5) / 2.0 ** 53
+
+
+def gaussians(count, key):
+    half = (count + 1) // 2
+    u = uniforms(2 * half, key)
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[:half])), 2.0 * math.pi * u[half:]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+
+
+def bank_matrix(fan_in, fan_out, method, sparsity, key):
+    values = gaussians(fan_in * fan_out, key).view(fan_out, fan_in)
+    keep = torch.ones_like(values, dtype=torch.bool)
+    zeros = int(round(sparsity * fan_in)) if method == "sparse" else 0
+    if zeros > 0:
+        u = uniforms(fan_in * fan_out, mix32(key ^ 0x5BD1E995)).view(fan_out, fan_in)
+        keep = u > u.kthvalue(zeros, dim=1, keepdim=True).values
+    kept = values[keep]
+    kept = (kept - kept.mean()) / kept.std(unbiased=False)
+    out = torch.zeros_like(values)
+    out[keep] = kept / math.sqrt(fan_in * (1.0 - sparsity) if zeros > 0 else fan_in)
+    return out.t().contiguous()
+
+
+class ProceduralExperts:
+    """Expert e: ``act(x W1_e) W2_e`` with ``W1_e = diag(a_e) R1 diag(b_e)``, ``W2_e = diag(c_e) R2 diag(o_e)``:
+    one matrix pair per layer and four tables of random signs, rows picked by a hash of e. Not a module:
+    generated on first use (from_pretrained builds modules on the meta device)."""
+
+    TABLES = (("a", 1), ("b", 2), ("c", 3), ("o", 4))
+
+    def __init__(self, c, d_model, layer):
+        self.c, self.d, self.m, self.layer = c, d_model, c["d_ffn"], layer
+        self.seed, self.rows = c["expert_seed"], c["sign_bank_rows"]
+        self.keys = {name: stream_key(self.seed, layer, stream) for name, stream in self.TABLES}
+        self.tensors = None
+
+    def generate(self, device):
+        method, sparsity = self.c["init_method"], self.c["sparsity"]
+        t = {"r1": bank_matrix(self.d, self.m, method, sparsity, stream_key(self.seed, self.layer, 5)),
+             "r2": bank_matrix(self.m, self.d, method, sparsity, stream_key(self.seed, self.layer, 6))}
+        signs_key = stream_key(self.seed, self.layer, 7)
+        for i, (name, _) in enumerate(self.TABLES):
+            width = self.d if name in ("a", "o") else self.m
+            bits = hashed(torch.arange(self.rows * width, dtype=torch.int64), mix32(signs_key ^ (i + 1))) & 1
+            t[name] = (1.0 - 2.0 * bits.float()).view(self.rows, width)
+        self.tensors = {k: v.float().to(device) for k, v in t.items()}
+
+    def rows_of(self, expert):
+        return {name: hashed(expert.long(), key) & (self.rows - 1) for name, key in self.keys.items()}
+
+    def weights(self, e):
+        t = self.tensors
+        r = self.rows_of(torch.tensor([e], device=t["r1"].device))
+        a, b, c, o = (t[n][r[n][0]] for n in ("a", "b", "c", "o"))
+        return a[:, None] * t["r1"] * b[None, :], c[:, None] * t["r2"] * o[None, :]
+
+    def forward(self, x_TD, idx_TS, gates_TS):
+        if self.tensors is None or self.tensors["r1"].device != x_TD.device:
+            self.generate(x_TD.device)
+        T, S = idx_TS.shape
+        t, r = self.tensors, self.rows_of(idx_TS)
+        sign = {n: t[n][r[n].reshape(-1)].view(T, S, -1).to(x_TD.dtype) for n in ("a", "b", "c", "o")}
+        h = F.gelu(((x_TD.unsqueeze(1) * sign["a"]) @ t["r1"].to(x_TD.dtype)) * sign["b"]) * sign["c"]
+        y = (h @ t["r2"].to(x_TD.dtype)) * sign["o"]
+        return (y * gates_TS.to(x_TD.dtype).unsqueeze(-1)).sum(1)
+
+    def digest(self):
+        c = self.c
+        recipe = (f"{c['generator']}|method={c['init_method']}|sparsity={c['sparsity']!r}|seed={self.seed}|"
+                  f"layer={self.layer}|E={c['num_experts']}|d={self.d}|d_ffn={self.m}|rows={self.rows}")
+        ids = [0, c["num_experts"] - 1] + [int(mix32(i * 0x9E3779B1 & MASK32)) % c["num_experts"] for i in range(14)]
+        h = hashlib.sha256(recipe.encode())
+        for e in ids:
+            for w in self.weights(e):
+                h.update(w.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+class QueryNorm(nn.Module):
+    """The trained query BatchNorm, at inference: running statistics and the affine map."""
+
+    def __init__(self, width, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight, self.bias = nn.Parameter(torch.ones(width)), nn.Parameter(torch.zeros(width))
+        self.running_mean, self.running_var = frozen(width), frozen(width)
+
+    def forward(self, q):
+        return (q - self.running_mean) * torch.rsqrt(self.running_var + self.eps) * self.weight + self.bias
 
 
 # --- building blocks --------------------------------------------------------------------------
@@ -203,20 +324,30 @@ class SoMEFFN(nn.Module):
 
     EXPERT_TENSORS = ("expert_w1", "expert_b1", "expert_w2", "expert_b2")
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         c = config.some
         self.c = c
         E, D, H = c["num_experts"], config.hidden_size, c["d_ffn"]
+        self.product = c.get("router") == "product"
+        # product keys: each head's query is two halves of pk_dim, scored against its two codebooks of n sub-keys
+        self.heads, self.n = c.get("pk_heads", 1), math.isqrt(E)
+        Q = 2 * self.heads * c["pk_dim"] if self.product else D
         if c["query_net"] == "linear":
-            self.query = nn.Linear(D, D, bias=True)
+            self.query = nn.Linear(D, Q, bias=True)
         else:
             hidden = c.get("query_hidden") or D
-            self.query = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, D))
-        self.keys = frozen(E, D)
-        self.query_center = frozen(D) if c.get("center_queries") else None
+            self.query = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, Q))
+        self.keys = frozen(2 * self.heads, self.n, c["pk_dim"]) if self.product else frozen(E, D)
+        self.query_center = frozen(Q) if c.get("center_queries") else None
+        self.query_norm = QueryNorm(Q) if c.get("query_batchnorm") else None
+        self.selection_bias = frozen(2 * self.heads, self.n) if c.get("selection_bias") else None
         self.log_tau = frozen() if c.get("log_tau") else None
         self.out_scale = nn.Parameter(torch.zeros(D)) if c.get("layer_scale") else None
+        self.procedural = None
+        if c.get("expert_storage") == "procedural":
+            self.procedural = ProceduralExperts(c, D, layer_idx)
+            return
         dtype = getattr(torch, c.get("expert_dtype", "float32"))  # stored and computed at the exported dtype
         self.expert_w1, self.expert_w2 = frozen(E, D, H, dtype=dtype), frozen(E, H, D, dtype=dtype)
         self.expert_b1 = frozen(E, H, dtype=dtype) if c.get("expert_bias") else None
@@ -237,17 +368,43 @@ class SoMEFFN(nn.Module):
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def scores(self, x_TD):
+    def queries(self, x_TD):
         q = self.query(x_TD.to(next(self.query.parameters()).dtype))
         if self.query_center is not None:
             q = q - self.query_center.to(q.dtype)
+        return q if self.query_norm is None else self.query_norm(q)
+
+    def temperature(self):
+        return self.c["temperature"] * (1.0 if self.log_tau is None else self.log_tau.exp())
+
+    def product_route(self, x_TD):
+        """Each head: the k best sub-keys of either half, then the k best of their k x k sums (the exact
+        top-k over all n^2 experts); gates from the unbiased sums over the temperature."""
+        T, H, n, k = x_TD.shape[0], self.heads, self.n, self.c["top_k"]
+        q = self.queries(x_TD).view(T, 2 * H, -1)
+        keys = self.keys.to(q.dtype)
+        if self.c["cosine_scores"]:
+            s = torch.einsum("tgd,gnd->tgn", F.normalize(q, dim=-1), F.normalize(keys, dim=-1))
+        else:
+            s = torch.einsum("tgd,gnd->tgn", q, keys) / math.sqrt(q.shape[-1])
+        sel = s if self.selection_bias is None else s + self.selection_bias.to(s.dtype)
+        cand = sel.topk(k, dim=-1).indices.view(T, H, 2, k)
+        s, sel = s.view(T, H, 2, n), sel.view(T, H, 2, n)
+        first, second = sel[:, :, 0].gather(-1, cand[:, :, 0]), sel[:, :, 1].gather(-1, cand[:, :, 1])
+        best = (first.unsqueeze(-1) + second.unsqueeze(-2)).flatten(2).topk(k, dim=-1).indices
+        i, j = cand[:, :, 0].gather(-1, best // k), cand[:, :, 1].gather(-1, best % k)
+        logits = s[:, :, 0].gather(-1, i) + s[:, :, 1].gather(-1, j)
+        gates = torch.softmax(logits.float() / self.temperature(), dim=-1)
+        return (i * n + j).view(T, -1), gates.view(T, -1)
+
+    def scores(self, x_TD):
+        q = self.queries(x_TD)
         keys = self.keys.to(q.dtype)
         if self.c["cosine_scores"]:
             s = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).t()
         else:
             s = q @ keys.t() / math.sqrt(q.shape[-1])
-        tau = self.c["temperature"] * (1.0 if self.log_tau is None else self.log_tau.exp())
-        return s / tau
+        return s / self.temperature()
 
     def expert(self, e, x):
         w1, w2 = self.expert_w1[e], self.expert_w2[e]
@@ -263,9 +420,15 @@ class SoMEFFN(nn.Module):
 
     def forward(self, x):
         x_TD = x.reshape(-1, x.shape[-1])
-        top, idx = self.scores(x_TD).topk(self.c["top_k"], dim=-1)
-        gates = torch.softmax(top.float(), dim=-1)
-        y = combine(x_TD, idx, gates, self.expert, self.c["num_experts"])
+        if self.product:
+            idx, gates = self.product_route(x_TD)
+        else:
+            top, idx = self.scores(x_TD).topk(self.c["top_k"], dim=-1)
+            gates = torch.softmax(top.float(), dim=-1)
+        if self.procedural is not None:
+            y = self.procedural.forward(x_TD, idx, gates)
+        else:
+            y = combine(x_TD, idx, gates, self.expert, self.c["num_experts"])
         if self.out_scale is not None:
             y = y * self.out_scale.to(y.dtype)
         return y.view_as(x)
@@ -280,7 +443,7 @@ class Block(nn.Module):
         self.norm1 = build_norm(config)
         self.attn = Attention(config, layer_idx)
         self.norm2 = build_norm(config)
-        self.ffn = FFNS[config.ffn](config)
+        self.ffn = SoMEFFN(config, layer_idx) if config.ffn == "some" else FFNS[config.ffn](config)
 
     def forward(self, x, rope, mask, cache):
         x = x + self.attn(self.norm1(x), rope, mask, cache)
@@ -344,9 +507,20 @@ class SomoeForCausalLM(SomoePreTrainedModel, GenerationMixin):
         return model
 
     def verify_experts(self):
-        """Refuse frozen experts whose sha256 differs from the one recorded at export."""
+        """Refuse frozen experts whose sha256 differs from the one recorded at export (procedural experts:
+        regenerated, then their digest compared with the one recorded at export)."""
         expected = self.config.expert_sha256
         for i, block in enumerate(self.transformer.blocks):
+            procedural = getattr(block.ffn, "procedural", None)
+            if procedural is not None:
+                procedural.generate(block.ffn.keys.device)
+                recorded = self.config.some["procedural_digest"][str(i)]
+                if procedural.digest() != recorded:
+                    raise ExpertHashError(
+                        f"layer {i}: procedural experts regenerate to digest {procedural.digest()}, the export "
+                        f"recorded {recorded} (generator {self.config.some['generator']}); this remote code does "
+                        f"not reproduce them, re-export the run")
+                continue
             if not isinstance(block.ffn, SoMEFFN) or str(i) not in expected:
                 continue
             if block.ffn.expert_w1.dtype != getattr(torch, self.config.some.get("expert_dtype", "float32")):
