@@ -36,12 +36,26 @@ def _layer_summary(states, layer: int, clustering) -> dict:
     }
 
 
+def _product_keys(run_dir: Path) -> bool:
+    from ..train.checkpoint import load_config_from
+
+    try:
+        return load_config_from(run_dir).model.some.router == "product"
+    except Exception:  # noqa: BLE001 - no readable config: the checkpoint readers report it in their own words
+        return False
+
+
 def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path | None = None,
                 data: str | None = None, sample_batches: int = 20, method: str = "kmeans",
                 k: int | None = None, device: str = "cpu", log=print) -> Path:
     """Write the analysis of ``run_dir`` into ``out`` (default RUN/analysis); returns analysis.md."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "analysis"
+    if _product_keys(run_dir):  # sub-key codebooks and an n x n pool: maps instead of key galaxies
+        from .product_keys import analyze_product_run
+
+        out.mkdir(parents=True, exist_ok=True)
+        return analyze_product_run(run_dir, out, data, sample_batches, device, log)
     out.mkdir(parents=True, exist_ok=True)
     states = load_run_keys(run_dir, checkpoints)
     last = states[-1]
