@@ -116,7 +116,7 @@ def train_row(preset: str, experts: int | None, dtype: str, reps: int) -> dict:
 
     cfg = _config(preset, experts, dtype)
     model = build_model(cfg.model).train()
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, "cpu")
     B, S, V = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     x = torch.randint(3, V, (B, S), generator=torch.Generator().manual_seed(0))
     amp = autocast_factory(dtype, torch.device("cpu"))

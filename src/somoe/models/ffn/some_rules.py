@@ -94,8 +94,8 @@ def repulsion_delta(keys_ED: torch.Tensor, beta: float) -> torch.Tensor:
     if E < 2:
         return torch.zeros_like(keys_ED)
     unit_ED = F.normalize(keys_ED, dim=-1, eps=1e-12)
-    off_diagonal_EE = 1.0 - torch.eye(E, dtype=keys_ED.dtype, device=keys_ED.device)
-    w_EE = (unit_ED @ unit_ED.transpose(-1, -2)).clamp_min(0.0) * off_diagonal_EE
+    w_EE = (unit_ED @ unit_ED.transpose(-1, -2)).clamp_min_(0.0)
+    w_EE.diagonal(dim1=-2, dim2=-1).zero_()
     # sum_e' w_ee' (k_e - k_e') = (sum_e' w_ee') k_e - (W K)_e
     push_ED = w_EE.sum(-1, keepdim=True) * keys_ED - w_EE @ keys_ED
     return beta * push_ED / (E - 1)
