@@ -269,3 +269,20 @@ def test_pad_positions_leave_the_query_batchnorm_alone():
     y_real, _ = layer(x[valid].view(1, -1, 8))
     assert torch.allclose(y_pad[valid], y_real.view(-1, 8), atol=1e-6)
     assert torch.allclose(layer.query_norm.running_mean, mean_pad, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset,base,experts", [("cpu_some_pk", "cpu_some", 65536), ("seed000_some_pk", "seed000_some", 2**20),
+                                                  ("seed002_some_pk", "ablation_v3_2", 2**20)])
+def test_product_key_presets_cost_at_most_their_bases(preset, base, experts):
+    """Active forward FLOPs per token at most the exhaustive model's, at N = 65,536 and at 1,048,576."""
+    from somoe.bench.train import model_flops
+    from somoe.config import load_config
+
+    def per_token(name, *overrides):
+        cfg = load_config(preset=name, overrides=list(overrides))
+        return model_flops(cfg.model, 1, cfg.data.seq_len, backward=False) / cfg.data.seq_len
+
+    cfg = load_config(preset=preset)
+    assert cfg.model.some.num_experts == experts and cfg.model.some.expert_storage == "procedural"
+    assert per_token(preset) <= per_token(base)
+    assert per_token(preset, "model.some.num_experts=1048576") <= per_token(base)
