@@ -286,3 +286,18 @@ def test_product_key_presets_cost_at_most_their_bases(preset, base, experts):
     assert cfg.model.some.num_experts == experts and cfg.model.some.expert_storage == "procedural"
     assert per_token(preset) <= per_token(base)
     assert per_token(preset, "model.some.num_experts=1048576") <= per_token(base)
+
+
+def test_route_gives_the_exhaustive_experts_and_the_forwards_gates():
+    layer, c = build(score="dot", key_norm=False, query_net="mlp", query_hidden=5)
+    layer.eval()
+    x = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(2))
+    ids, gates = layer.route(x)
+    assert ids.shape == gates.shape == (1, 6, c.pk_heads * c.top_k)
+    with torch.no_grad():
+        q = layer.query(x.view(-1, 8)).view(6, c.pk_heads, -1)
+    keys = layer.key_store
+    expected, scores = exhaustive_topk(q, keys[0::2], keys[1::2], c.top_k, cosine=False)
+    assert torch.equal(ids.view(6, c.pk_heads, -1), expected)
+    tau = c.router_temperature_eval
+    assert torch.allclose(gates.view(6, c.pk_heads, -1), torch.softmax(scores / tau, -1), atol=1e-6)

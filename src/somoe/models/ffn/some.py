@@ -338,7 +338,13 @@ class SoMELayer(KeyUpdates, FFN):
 
     @torch.no_grad()
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert indices and gates (``x.shape[:-1] + (k_t,)``) under the current mode's temperature."""
+        """Expert indices and gates (``x.shape[:-1] + (slots,)``: k_t, or heads x k with product keys) under the
+        current mode's temperature."""
+        if self.product:
+            _, _, i_THk, j_THk, logits_THk = self._route_product(x.reshape(-1, self.d_model), None)
+            gates_THk = torch.softmax(logits_THk.float() / self.temperature(), dim=-1)
+            expert_THk = i_THk * self.cfg.subkeys_per_codebook + j_THk
+            return expert_THk.view(*x.shape[:-1], -1), gates_THk.view(*x.shape[:-1], -1)
         scores_TE, _, _ = self._scores(x.reshape(-1, self.d_model))
         idx_TK, gates_TK = self._select(scores_TE)
         return idx_TK.view(*x.shape[:-1], -1), gates_TK.view(*x.shape[:-1], -1)
