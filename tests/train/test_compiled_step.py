@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from helpers import tiny_config
 from somoe.config import ConfigError
 from somoe.train.checkpoint import list_checkpoints
+from somoe.train.step import staged_for
 from somoe.train.trainer import Trainer
 
 QUIET = dict(progress=False, log=lambda m: None)
@@ -118,6 +119,26 @@ def test_a_nonfinite_step_changes_nothing(tmp_path, data_cache):
         [k for k in before if not torch.equal(before[k], after[k])]
     assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.optimizer.state.values()))
     assert all(float(s["step"]) == 1.0 for s in trainer.optimizer.state.values())
+
+
+def test_a_cuda_step_pins_host_tensors_only(monkeypatch):
+    """Before its non-blocking copies a CUDA step pins its host tensors; a batch already on the device
+    (``somoe bench compile`` builds its batches there) goes as it is, since torch refuses to pin device
+    memory. A meta tensor stands in for the CUDA one; pinning is recorded, and refused off the host as
+    torch refuses it."""
+    pinned = []
+
+    def pin(t):
+        if t.device.type != "cpu":
+            raise RuntimeError("cannot pin a tensor that is not in host memory")
+        pinned.append(t)
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    cuda, host, on_device = torch.device("cuda"), torch.ones(3), torch.ones(3, device="meta")
+    assert staged_for(host, cuda) is host and pinned == [host]
+    assert staged_for(on_device, cuda) is on_device and len(pinned) == 1
+    assert staged_for(host, torch.device("cpu")) is host and len(pinned) == 1  # a CPU step copies nothing
 
 
 @pytest.mark.parametrize("over, message", [

@@ -53,6 +53,16 @@ def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world
             raise ConfigError(f"train.compile=step {why}")
 
 
+def staged_for(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` ready for a non-blocking copy to ``device``: a host tensor bound for CUDA is pinned (an
+    asynchronous copy needs page-locked memory); a tensor already on a device is returned as it is,
+    because torch refuses to pin anything but host memory (callers such as ``somoe bench compile``
+    hand the step batches that already live on the GPU)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory()
+    return t
+
+
 def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
     """AdamW's per-parameter state as its first ``step()`` would create it (capturable: a float32 step
     count on the parameter's device), for parameters that have none yet (a resume loaded the others)."""
@@ -103,8 +113,7 @@ class CompiledStep:
         xs = torch.stack([x for x, _ in micro])
         ys = torch.stack([y for _, y in micro])
         counts_t = torch.tensor(counts, dtype=torch.float32)
-        if self.device.type == "cuda":
-            scalars, xs, ys, counts_t = (t.pin_memory() for t in (scalars, xs, ys, counts_t))
+        scalars, xs, ys, counts_t = (staged_for(t, self.device) for t in (scalars, xs, ys, counts_t))
         self._scalars.copy_(scalars, non_blocking=True)
         inputs = [t.to(self.device, non_blocking=True) for t in (xs, ys, counts_t)]
         out = self._graphed(*inputs) if self._graphed is not None else self._traced(*inputs)
