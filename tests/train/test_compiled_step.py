@@ -141,6 +141,25 @@ def test_a_cuda_step_pins_host_tensors_only(monkeypatch):
     assert staged_for(host, torch.device("cpu")) is host and len(pinned) == 1  # a CPU step copies nothing
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["A100", "H100"])
+def test_cuda_graphs_with_routed_experts_need_a_sync_free_grouped_matmul(monkeypatch, capability):
+    """On a GPU whose grouped matmul reads its offsets on the host (an A100) a routed model's step cannot be
+    captured: a one-line error before any compile; dense models and SM 9.x pass."""
+    from somoe.config import load_config
+    from somoe.train.step import check_compiled_step
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    for preset in ("cpu_some", "cpu_moe", "cpu_gpt2"):
+        cfg = load_config(preset=preset, overrides=["train.cuda_graphs=true"])
+        if preset == "cpu_gpt2" or capability == (9, 0):
+            check_compiled_step(cfg.train, cfg.model, cuda, 1, "bf16")
+            continue
+        with pytest.raises(ConfigError, match="compute capability 9.x or 10.x; this one is 8.0") as err:
+            check_compiled_step(cfg.train, cfg.model, cuda, 1, "bf16")
+        assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("over, message", [
     (("train.cuda_graphs=true",), "train.cuda_graphs=true needs a CUDA device"),
     (("train.compile=step", "train.activation_checkpointing=true"), "does not combine"),

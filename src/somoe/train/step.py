@@ -29,6 +29,7 @@ from torch.optim.adamw import adamw
 
 from ..config import ConfigError, TrainConfig
 from ..models import IGNORE_INDEX
+from ..models.dispatch import grouped_mm_sync_free
 from .nonfinite import finite_step
 from .runtime import RECOMPILE_LIMIT
 
@@ -43,6 +44,11 @@ def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world
     if cfg.cuda_graphs and precision != "bf16" and model_cfg.ffn != "dense":
         raise ConfigError(f"train.cuda_graphs=true with routed experts needs train.precision=bf16 (the grouped "
                           f"matmul without a host sync), not {precision}")
+    if cfg.cuda_graphs and model_cfg.ffn != "dense" and not grouped_mm_sync_free(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.cuda_graphs=true with routed experts needs a GPU whose grouped matmul is sync-free "
+                          f"(compute capability 9.x or 10.x; this one is {major}.{minor}, where torch reads the "
+                          f"expert offsets on the host); use train.compile=step without cuda_graphs")
     problems = [(world_size > 1, "runs on one process; use train.compile=true under torchrun"),
                 (precision == "fp16", "takes no fp16 GradScaler; use train.precision=bf16 or fp32"),
                 (cfg.activation_checkpointing, "does not combine with train.activation_checkpointing=true; drop one"),
