@@ -80,6 +80,16 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
+def prepare_frozen_experts(model, device: torch.device, autocast: Callable[[], Any]) -> None:
+    """Frozen experts' copies in the run's compute dtype, made eagerly before a compiled forward traces
+    them (traced code reads a copy but does not create one: models/ffn/some_frozen.py)."""
+    probe = torch.empty(0, device=device)
+    with autocast():
+        for ffn in model.ffns():
+            if hasattr(ffn, "prepare_compute"):
+                ffn.prepare_compute(probe)
+
+
 class CompiledStep:
     """``step(micro_batches, step, total_steps, lr)`` -> device tensors ``ce_sum`` (CE times counted
     targets, summed), ``aux``, ``grad_norm`` and ``ok``; see the module docstring."""
@@ -94,6 +104,7 @@ class CompiledStep:
             layer.gather_always = True  # one graph: unscheduled steps gather too, and their statistics are dropped
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         init_adamw_state(optimizer)
+        prepare_frozen_experts(model, device, autocast)
         # what the traced update reads, fixed here: reading the param groups would guard on their lr
         self._groups = [_AdamWGroup(group, optimizer.state, self.params) for group in optimizer.param_groups
                         if group["params"]]

@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig, SoMEConfig
-from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
+from ..dispatch import DeviceGroups, LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .moe import switch_loss
 from .registry import register_ffn
 from .routing_tally import RoutingTally
 from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
+from .some_frozen import FrozenCompute
 from .some_router import cosine_scores
 from .some_update import SAMPLE_SEED_OFFSET, KeyUpdates, from_host
 
@@ -83,6 +84,7 @@ class SoMELayer(KeyUpdates, FFN):
         else:
             self.log_tau = None
         self._register_state(E, D)
+        self._frozen = FrozenCompute()  # before the experts: generating them refreshes it
         self._register_experts(E, D)
         self._register_lora(E, D)
         self.gather_always = False
@@ -182,6 +184,15 @@ class SoMELayer(KeyUpdates, FFN):
         for name, t in tensors.items():
             getattr(self, f"expert_{name}").copy_(t)
         self._experts_ready = True
+        self._frozen.refresh(self._expert_tensors())
+
+    def _expert_tensors(self) -> tuple:
+        return self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2
+
+    def prepare_compute(self, x: torch.Tensor) -> None:
+        """Before a compiled step traces this layer, eagerly: the frozen experts' copy in the dtype the
+        forward computes in (``x``'s, or autocast's: call it inside the run's autocast), see some_frozen."""
+        self._frozen.prepare(self._expert_tensors(), compute_dtype(x, self.expert_w1.dtype))
 
     @staticmethod
     def _after_load(module: "SoMELayer", _incompatible_keys) -> None:
@@ -189,6 +200,7 @@ class SoMELayer(KeyUpdates, FFN):
             return
         module._updates_on_host = int(module.som_updates)  # came from the checkpoint: one read, at load
         module._refresh_draws()
+        module._frozen.refresh(module._expert_tensors())  # loaded experts (weights checkpoints): the copy follows
 
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
@@ -283,9 +295,11 @@ class SoMELayer(KeyUpdates, FFN):
             return None
         return LoRA(self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2, self.cfg.lora_alpha / self.cfg.lora_rank)
 
-    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
-                           lora=self._lora())
+    def _experts(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
+        # the grouped path (device groups) computes with the cached cast copy; the loop casts per expert
+        cast = isinstance(counts, (DeviceGroups, torch.Tensor))
+        w1, b1, w2, b2 = self._frozen.experts(self._expert_tensors(), x_SD.dtype, cast)
+        return grouped_mlp(x_SD, counts, w1, b1, w2, b2, lora=self._lora())
 
     def forward(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -430,7 +444,9 @@ class SoMELayer(KeyUpdates, FFN):
 
     def _apply(self, fn, recurse: bool = True):
         self._tally._apply(fn)  # the unregistered tally (RoutingTally.attach) follows .to()/.cuda()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._frozen.refresh(self._expert_tensors())  # moved or cast experts: the copy follows
+        return out
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:
