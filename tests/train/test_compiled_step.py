@@ -102,6 +102,41 @@ def test_compiled_step_resumes_exactly(tmp_path, data_cache):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+class _Watched(torch.Tensor):
+    """A step output that records the trainer's step whenever its value is read on the host."""
+
+    reads: list[int] = []
+    trainer = None
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy"):
+            cls.reads.append(cls.trainer.step)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_compiled_run_reads_the_steps_values_only_at_log_steps(tmp_path, data_cache):
+    """8 compiled steps at train.log_every=4: the loss, gradient norm and aux loss the step returns are read
+    on the host once at step 4 and once at step 8, never in between (before: three reads every step), and
+    those records equal a log_every=1 run's at the same steps."""
+    over = ("train.max_steps=8", "train.eval_every=0", "train.compile=step", "train.compile_backend=eager", *SOME)
+    Trainer(tiny_config(data_cache, *over), tmp_path / "every", **QUIET).fit()
+    torch._dynamo.reset()
+    trainer = Trainer(tiny_config(data_cache, *over, "train.log_every=4"), tmp_path / "four", **QUIET)
+    real = trainer.compiled_step
+    _Watched.reads, _Watched.trainer = [], trainer
+    trainer.compiled_step = lambda *a: {k: v if k == "ok" else v.as_subclass(_Watched) for k, v in real(*a).items()}
+    trainer.fit()
+    assert _Watched.reads == [4, 8]
+    rows = {m: {r["step"]: r for r in map(json.loads, (tmp_path / m / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"} for m in ("every", "four")}
+    assert sorted(rows["four"]) == [4, 8] and sorted(rows["every"]) == list(range(1, 9))
+    for step in (4, 8):
+        a, b = rows["every"][step], rows["four"][step]
+        assert isinstance(b["loss"], float) and (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"])
+        assert b["tok_per_s"] > 0 and b["elapsed"] > 0
+
+
 def test_a_nonfinite_step_changes_nothing(tmp_path, data_cache):
     """A step whose loss is inf (lr huge is not enough: the embedding is poisoned) leaves parameters, AdamW
     state and keys as they were, and counts as a bad step."""
