@@ -28,6 +28,7 @@ from torch import nn
 
 from ...config import ModelConfig, SoMEConfig
 from ..dispatch import DeviceGroups, LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
+from .. import fp32_matmul
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .moe import switch_loss
@@ -260,14 +261,14 @@ class SoMELayer(KeyUpdates, FFN):
             return self._router_scores(x_TD.to(router_dtype))
 
     def _router_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q_raw_TD = q_TD = self.query(x_TD)
+        q_raw_TD = q_TD = fp32_matmul.apply(self.query, x_TD)  # fp32 stays fp32 where TF32 is on
         if self.cfg.center_queries:
             q_TD = q_TD - self.query_center.to(q_TD.dtype)
         keys_ED = self.routing_keys()
         if self.cfg.cosine_scores:
             scores_TE, q_TD = cosine_scores(q_TD, keys_ED, self.temperature())
             return scores_TE, q_TD, q_raw_TD
-        scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
+        scores_TE = fp32_matmul.mm(q_TD, keys_ED.t().to(q_TD.dtype)) / math.sqrt(self.d_model)
         return scores_TE / self.temperature(), q_TD, q_raw_TD
 
     def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +378,7 @@ class SoMELayer(KeyUpdates, FFN):
             entropy = rules.gate_entropy_sum(g_TK)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
         gates_TE = g_TK.new_zeros(T, E).scatter_(1, idx_TK, g_TK)
-        self.stat_q_sum.addmm_(gates_TE.t(), q_TD)
+        fp32_matmul.addmm_(self.stat_q_sum, gates_TE.t(), q_TD)  # the statistics in true fp32 (no TF32)
         self.stat_gate += gates_TE.sum(0)
         self.stat_count += counts_E  # in place: an int64 count promotes into the fp32 accumulator
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
@@ -386,13 +387,13 @@ class SoMELayer(KeyUpdates, FFN):
             if live_K is not None:  # a dead slot (gate 0) has no co-selected experts
                 w_TKK = w_TKK * live_K.view(1, K, 1)
             keys_TKD = self.key_store[idx_TK].float()
-            self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
+            self.stat_peer_sum.index_add_(0, e_S, fp32_matmul.mm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
-        self.stat_q_total += q_TD.sum(0) if weight_T is None else weight_T @ q_TD
+        self.stat_q_total += q_TD.sum(0) if weight_T is None else fp32_matmul.mm(weight_T, q_TD)
         if self.cfg.decay and self.cfg.decay_target == "sample":
             self._draw_query_samples(q_TD, weight_T)
         if self.cfg.center_queries:
-            self.stat_q_raw_total += q_raw_TD.sum(0) if weight_T is None else weight_T @ q_raw_TD
+            self.stat_q_raw_total += q_raw_TD.sum(0) if weight_T is None else fp32_matmul.mm(weight_T, q_raw_TD)
         self.stat_tokens += T if weight_T is None else weight_T.sum()
         self.stat_gate_entropy += entropy
 
