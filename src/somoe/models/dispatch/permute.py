@@ -45,8 +45,8 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     if torch.compiler.is_compiling():
         # traced whole on device groups (no host value, fixed T*K-row shapes), in every dtype (fp32 through
         # plan.grouped_mm's opaque op). Compiled with inductor this path once gave wrong gradients on an
-        # H100 (torch 2.11: a seed000_some step's gradients 85% off eager's while the loss matched); the
-        # CUDA test test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda checks it on every GPU run
+        # H100 (torch 2.11: a seed000_some step's gradients 85% off eager's while the loss matched);
+        # tests/train/test_step_equivalence.py compares every parameter's gradient on every GPU run
         grouped = True
     return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
