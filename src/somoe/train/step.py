@@ -34,6 +34,9 @@ from .nonfinite import finite_step
 from .runtime import RECOMPILE_LIMIT
 
 CUDA_GRAPH_WARMUP = 2  # steps run uncaptured (compiling, allocating) before the capture
+# dynamo settings of the traced step, where this torch has them: ``trace_autograd_ops`` (torch >= 2.11) lets
+# it trace ``torch.autograd.grad`` (without it the step does not trace: scripts/gpu_preflight.py says so)
+TRACE_SETTINGS = {k: True for k in ("trace_autograd_ops", "specialize_float") if hasattr(torch._dynamo.config, k)}
 
 
 def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world_size: int, precision: str) -> None:
@@ -142,7 +145,7 @@ class CompiledStep:
     def _traced(self, xs: torch.Tensor, ys: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         # autograd.grad inside the graph; Python floats (config rates, coefficients: constant over a run) as
         # constants, so that inductor does not restart the trace to turn them into tensors (a second compile)
-        with torch._dynamo.config.patch(trace_autograd_ops=True, specialize_float=True):
+        with torch._dynamo.config.patch(**TRACE_SETTINGS):
             return self._fn(xs, ys, counts, self._scalars)
 
     # --- the traced step ---------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from .base import FFN, in_recompute
 from .moe import switch_loss
 from .registry import register_ffn
 from .routing_tally import RoutingTally
-from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
+from .some_experts import (DTYPES, ExpertHashMismatch, experts_from_cache_or_generate,
+                           generate_experts, recipe)
 from .some_frozen import FrozenCompute
 from .some_router import cosine_scores
 from .some_update import SAMPLE_SEED_OFFSET, KeyUpdates, from_host
@@ -179,9 +180,10 @@ class SoMELayer(KeyUpdates, FFN):
 
     def _generate_experts(self) -> None:
         c = self.cfg
-        tensors = generate_experts(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
-                                   c.expert_seed + self.layer_idx, c.expert_bias, DTYPES[c.expert_dtype])
-        self.expert_hash.fill_(experts_digest(tensors, self._recipe()))
+        tensors, digest = experts_from_cache_or_generate(self._recipe(), lambda: generate_experts(
+            c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity, c.expert_seed + self.layer_idx,
+            c.expert_bias, DTYPES[c.expert_dtype]))
+        self.expert_hash.fill_(digest)
         for name, t in tensors.items():
             getattr(self, f"expert_{name}").copy_(t)
         self._experts_ready = True
