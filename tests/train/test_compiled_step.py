@@ -176,6 +176,18 @@ def test_a_cuda_step_pins_host_tensors_only(monkeypatch):
     assert staged_for(host, torch.device("cpu")) is host and len(pinned) == 1  # a CPU step copies nothing
 
 
+def test_the_compiled_step_stages_its_inputs_through_staged_for(tmp_path, data_cache, monkeypatch):
+    """The step's four host inputs (scalars, ids, targets, counts) go through ``staged_for`` on their way."""
+    import somoe.train.step as step_module
+
+    seen = []
+    monkeypatch.setattr(step_module, "staged_for", lambda t, device: seen.append((t.device.type, device.type)) or t)
+    trainer = Trainer(tiny_config(data_cache, "train.max_steps=1", "train.compile=step", "train.compile_backend=eager"),
+                      tmp_path, **QUIET)
+    trainer.train_step()
+    assert seen == [("cpu", "cpu")] * 4
+
+
 @pytest.mark.parametrize("capability", [(8, 0), (9, 0)], ids=["A100", "H100"])
 def test_cuda_graphs_with_routed_experts_need_a_sync_free_grouped_matmul(monkeypatch, capability):
     """On a GPU whose grouped matmul reads its offsets on the host (an A100) a routed model's step cannot be
