@@ -1,50 +1,54 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call on a lent GPU machine (PyTorch + CUDA, transformers; no install),
-# each step with its own time limit (they sum to <= 575 s) so that a slow or failing step costs only
-# its share; results land in $OUT (default /tmp/somoe-gpu) as JSON, the log in gpu.log:
-#   tests         the CUDA tests: dispatch paths, compiled model and compiled step vs eager, CUDA graphs
-#   ops.json      somoe bench ops (CPU counts of the GPU path's ops)
-#   compile.json  somoe bench compile on CUDA: the whole step's graph breaks, recompiles, compile time (inductor)
-#   gpu_*.json    somoe bench gpu per preset: eager / compiled step / compiled step + CUDA graph: tokens/s, MFU,
-#                 peak memory, step-time spread (+ transformers' GPT2LMHeadModel at seed000_gpt2's size)
-#   layer.json    somoe bench layer at seed000 width: SoME vs dense vs transformers' MoE block
-#   run_*/        seed000_gpt2 and seed000_some at full size on the shipped TinyStories stories: RUN_STEPS steps
-#                 (compiled step + CUDA graph), eval (bpb) and checkpoint, then a resumed process to 2 x RUN_STEPS;
-#                 runs.json: time per 1,000 steps and the projected hours of the seed's 20k-story schedule
-#   bash scripts/gpu_check.sh
-# A CPU dry run with tiny sizes (same steps, CPU devices, tiny overrides): DRY=1 bash scripts/gpu_check.sh
+# Every GPU measurement in one call on a lent GPU machine (its own PyTorch, e.g. torch 2.11 + CUDA 13 on
+# Python 3.12; nothing installed: this checkout runs from PYTHONPATH=src). The whole script keeps to BUDGET
+# seconds of wall time (default 540): each step runs in its own process under its own limit, cut to what
+# is left of the budget, and a step that no longer fits is recorded as skipped. A failure or timeout loses
+# that step only. Steps run most valuable first:
+#   preflight            imports and APIs this needs (scripts/gpu_preflight.py), one line per missing piece
+#   experts, ops         in the background: seed000_some's frozen experts drawn once into OUT/cache/experts
+#                        (every later build reads them), and somoe bench ops (CPU counts of the GPU path's ops)
+#   tests                the CUDA tests: per-parameter gradients eager / compiled / CUDA graph, buffers after a
+#                        step, grouped path vs the per-expert loop, the dispatch with no host sync
+#   gpu_PRESET_MODE      somoe bench gpu, one process per preset x mode (seed000_some, seed000_gpt2 with
+#                        transformers' GPT2LMHeadModel; their eager rows after the layer; seed003_nanogpt_moe
+#                        last): tokens/s, MFU, peak memory. The compiled row of a preset runs first and fills
+#                        the shared inductor cache (OUT/cache/inductor) that its CUDA-graph row and its
+#                        training run then read
+#   layer                somoe bench layer at seed000 width: SoME vs dense vs transformers' MoE block
+#   run_/resume_PRESET   seed000_gpt2 and seed000_some trained on the shipped stories (compiled step + CUDA
+#                        graph): RUN_STEPS steps, eval, checkpoint, then a resumed process to 2 x RUN_STEPS
+#   compile              somoe bench compile on CUDA: the whole step's graph breaks, recompiles, compile time
+# Every row streams into OUT/rows.jsonl as its step ends (a status line per step too); the summary at the
+# end reads whatever is there (OUT/runs.json: time per 1,000 steps, projected hours of the seed schedule).
+#   bash scripts/gpu_check.sh                       # OUT=/tmp/somoe-gpu, PYTHON=python3, BUDGET=540
+#   DRY=1 bash scripts/gpu_check.sh                 # the same steps on the CPU at tiny sizes
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/somoe-gpu}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-# a step past its limit gets SIGABRT, on which Python prints every thread's stack to the log: where
-# it hung, not just that it did (SIGTERM would let `somoe train` finish its step and checkpoint)
-export PYTHONFAULTHANDLER=1
+PY=${PYTHON:-python3}
+DRY=${DRY:-0}
+mkdir -p "$OUT/parts"
+ROWS="$OUT/rows.jsonl"
 LOG="$OUT/gpu.log"
-SOMOE="python3 -m somoe"  # the checkout's package on PYTHONPATH, nothing installed
+: >"$ROWS"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# a step past its limit gets SIGABRT, on which Python prints every thread's stack to the log: where it hung
+export PYTHONFAULTHANDLER=1
+# caches shared by every process of the run (and by a second run into the same OUT)
+export TORCHINDUCTOR_CACHE_DIR="$OUT/cache/inductor" TRITON_CACHE_DIR="$OUT/cache/triton"
+export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
+export SOMOE_EXPERT_CACHE="$OUT/cache/experts" SOMOE_CACHE="$OUT/cache/data"
+SOMOE=("$PY" -m somoe)
+RESERVE=20  # seconds kept for the summary and for timeout's kill grace
 
-step() {  # step NAME SECONDS CMD...: its stdout to $OUT/NAME.json when NAME ends in .json, else the log
-  local name=$1 secs=$2 rc t0=$SECONDS
-  shift 2
-  echo "== $name (limit ${secs}s)" | tee -a "$LOG"
-  if [[ $name == *.json ]]; then
-    timeout -s ABRT -k 10 "$secs" "$@" >"$OUT/$name" 2>>"$LOG"
-  else
-    timeout -s ABRT -k 10 "$secs" "$@" >>"$LOG" 2>&1
-  fi
-  rc=$?
-  echo "== $name: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
-}
-
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-} >>"$LOG" 2>&1
 DEV=cuda BACKEND=inductor STEPS=10 TINY=() GRID=128:8 LAYER_SHAPE=(--tokens 8192 --d-model 768 --d-ffn 2304)
+LAYER_DTYPES=bf16 MODES=(compiled cudagraphs eager) BUDGET=${BUDGET:-540} PREFLIGHT=()
 RUN_STEPS=300 LOG_EVERY=50 EVAL_BATCHES=40 RUN_MODE=(train.cuda_graphs=true train.precision=bf16) RUN_DATA=()
-if [[ ${DRY:-0} == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks the script, not the GPU
+TESTS=(tests/models/test_dispatch_fast.py tests/models/test_grouped_vs_loop.py tests/train/test_step_equivalence.py)
+TESTS_K=cuda
+if [[ $DRY == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks the script, not the GPU
   DEV=cpu BACKEND=aot_eager STEPS=2 GRID=8:2 LAYER_SHAPE=(--tokens 64 --d-model 32 --d-ffn 16)
-  LAYER_DTYPES=fp32  # bf16 is emulated (~30x slower) on CPUs without AMX
+  LAYER_DTYPES=fp32 MODES=(compiled eager) BUDGET=${BUDGET_DRY:-1800} PREFLIGHT=(--cpu) TESTS_K=cpu
   export OMP_NUM_THREADS=1  # tiny ops on shared cores: OpenMP hand-offs would dominate (docs/performance-notes.md)
   RUN_STEPS=4 LOG_EVERY=2 EVAL_BATCHES=2 RUN_MODE=(train.precision=fp32)
   RUN_DATA=(model.vocab_size=320 data.builtin_train_stories=100 data.builtin_val_stories=20 data.tokenizer_train_stories=100)
@@ -52,65 +56,86 @@ if [[ ${DRY:-0} == 1 ]]; then  # the same steps on the CPU at tiny sizes: checks
         train.batch_size=2 model.d_ffn=64 model.some.num_experts=8 model.some.top_k=5 model.some.d_ffn=16
         model.moe.num_experts=4 model.moe.top_k=2 model.moe.d_ffn=16 "model.some.entropy_band=[1.0,1.5]")
 fi
-TESTS_K="dispatch or cuda_compiled_step or reduce-overhead"
-[[ ${DRY:-0} == 1 ]] && TESTS_K="dispatch and not padded"
-step tests 100 python3 -m pytest -q -p no:cacheprovider tests/models/test_dispatch_fast.py tests/models/test_dispatch.py \
-  tests/models/test_compile_fullgraph.py tests/train/test_compiled_step.py -k "$TESTS_K"
-step ops.json 25 $SOMOE bench ops --json
-# first the whole step of seed000_some: its inductor graphs are then in the cache for the rows below
-declare -A GPU_LIMIT=([seed000_gpt2]=65 [seed000_some]=70 [seed003_nanogpt_moe]=60)
-step compile.json 55 $SOMOE bench compile --device $DEV --backend $BACKEND --preset seed000_some \
-  --steps 4 --json "${TINY[@]}"
-for preset in seed000_gpt2 seed000_some seed003_nanogpt_moe; do
-  modes=eager,compiled,cudagraphs
-  [[ $DEV == cpu ]] && modes=eager,compiled
-  step "gpu_$preset.json" ${GPU_LIMIT[$preset]} $SOMOE bench gpu --device $DEV --backend $BACKEND --presets $preset --modes $modes \
+
+record() {  # record STEP RC SECONDS [NOTE]: the step's status line in rows.jsonl
+  printf '{"step": "%s", "rc": %s, "seconds": %s%s}\n' "$1" "$2" "$3" "${4:+, \"note\": \"$4\"}" >>"$ROWS"
+}
+
+step() {  # step NAME SECONDS CMD...: CMD in its own process under min(SECONDS, the budget's rest); a NAME
+  # ending in .json has its stdout turned into rows (scripts/gpu_summary.py rows), anything else goes to the log
+  local name=$1 secs=$2 rc t0=$SECONDS left
+  shift 2
+  left=$((BUDGET - RESERVE - SECONDS))
+  ((secs > left)) && secs=$left
+  if ((secs < 10)); then
+    echo "== ${name%.json}: skipped, $((BUDGET - SECONDS))s of the budget left" | tee -a "$LOG"
+    record "${name%.json}" null 0 "skipped: budget"
+    return 0
+  fi
+  echo "== ${name%.json} (limit ${secs}s, at ${SECONDS}s)" | tee -a "$LOG"
+  if [[ $name == *.json ]]; then
+    timeout -s ABRT -k 5 "$secs" "$@" >"$OUT/parts/$name" 2>>"$LOG"
+    rc=$?
+    "$PY" scripts/gpu_summary.py rows "$OUT/parts/$name" "${name%.json}" >>"$ROWS"
+  else
+    timeout -s ABRT -k 5 "$secs" "$@" >>"$LOG" 2>&1
+    rc=$?
+  fi
+  record "${name%.json}" "$rc" $((SECONDS - t0))
+  echo "== ${name%.json}: rc=$rc in $((SECONDS - t0))s" | tee -a "$LOG"
+}
+
+{ [[ $DEV == cuda ]] && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+} >>"$LOG" 2>&1
+step preflight.json 60 "$PY" scripts/gpu_preflight.py "${PREFLIGHT[@]}"
+grep "^preflight:" "$LOG" | tail -n 30
+
+# background, on the CPU: the frozen experts of seed000_some drawn once (each layer in turn, into the cache
+# every later build reads), and the op counts
+step experts 240 "$PY" -c 'import sys
+from somoe.config import load_config
+from somoe.models.ffn.some import SoMELayer
+cfg = load_config(preset="seed000_some", overrides=sys.argv[1:]).model
+for i in range(cfg.n_layers):
+    SoMELayer(cfg, i)' "${TINY[@]}" &
+EXPERTS=$!
+step ops.json 60 "${SOMOE[@]}" bench ops --json &
+OPS=$!
+
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs "${TESTS[@]}" -k "$TESTS_K"
+
+wait "$EXPERTS"
+gpu_row() {  # gpu_row PRESET MODE SECONDS
+  step "gpu_$1_$2.json" "$3" "${SOMOE[@]}" bench gpu --device $DEV --backend $BACKEND --presets "$1" --modes "$2" \
     --steps $STEPS --json "${TINY[@]}"
+}
+declare -A LIMIT=([compiled]=120 [cudagraphs]=60 [eager]=45)
+# the targets' figures first (the fastest modes' MFU, the layer's ratios), then the eager rows
+for preset in seed000_some seed000_gpt2; do
+  for mode in "${MODES[@]}"; do
+    [[ $mode != eager ]] && gpu_row $preset "$mode" "${LIMIT[$mode]}"
+  done
 done
-step layer.json 40 $SOMOE bench layer --device $DEV --grid $GRID --dtypes ${LAYER_DTYPES:-bf16} --reps 10 "${LAYER_SHAPE[@]}" --json
+step layer.json 45 "${SOMOE[@]}" bench layer --device $DEV --grid $GRID --dtypes $LAYER_DTYPES --reps 10 \
+  "${LAYER_SHAPE[@]}" --json
+for preset in seed000_some seed000_gpt2; do
+  gpu_row $preset eager "${LIMIT[eager]}"
+done
 # full-size runs: RUN_STEPS steps with an eval and a checkpoint, then a new process resumes to 2 x RUN_STEPS
-export SOMOE_CACHE="$OUT/cache"
 for preset in seed000_gpt2 seed000_some; do
   run=(--preset $preset --out "$OUT/run_$preset" --no-progress data.source=builtin train.device=$DEV
        train.compile=step train.compile_backend=$BACKEND train.eval_every=0 train.eval_batches=$EVAL_BATCHES
        train.log_every=$LOG_EVERY train.ckpt_every=0 "${RUN_MODE[@]}" "${TINY[@]}" "${RUN_DATA[@]}")
-  step "run_$preset" 50 $SOMOE train "${run[@]}" train.max_steps=$RUN_STEPS
-  step "resume_$preset" 30 $SOMOE train "${run[@]}" train.max_steps=$((2 * RUN_STEPS)) --resume auto
+  rm -rf "$OUT/run_$preset"
+  step "run_$preset" 70 "${SOMOE[@]}" train "${run[@]}" train.max_steps=$RUN_STEPS
+  step "resume_$preset" 45 "${SOMOE[@]}" train "${run[@]}" train.max_steps=$((2 * RUN_STEPS)) --resume auto
 done
-python3 - "$OUT" <<'EOF' | tee -a "$LOG"
-import json, math, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-runs = []
-for run_dir in sorted(out.glob("run_*")):  # time per 1,000 steps from the resumed process's train records
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
-    cfg = json.loads(json.dumps(__import__("yaml").safe_load((run_dir / "config.yaml").read_text())))
-    half = max(r["step"] for r in train) // 2
-    late = [r for r in train if r["step"] > half]
-    if len(late) < 2:
-        continue
-    s_per_step = (late[-1]["elapsed"] - late[0]["elapsed"]) / (late[-1]["step"] - late[0]["step"])
-    t = cfg["train"]
-    # the seed's schedule: 20,000 stories, one per row (data.mode padded), train.epochs passes
-    steps_20k = math.ceil(20000 / t["batch_size"]) * t["epochs"]
-    runs.append({"run": run_dir.name, "steps": late[-1]["step"], "s_per_1000_steps": 1000 * s_per_step,
-                 "tokens_per_s": late[-1]["tok_per_s"], "seed_schedule_steps": steps_20k,
-                 "projected_hours": steps_20k * s_per_step / 3600,
-                 "val_bpb": [(e["step"], e["val_bpb"]) for e in evals], "resumed": len(evals) >= 2})
-(out / "runs.json").write_text(json.dumps({"rows": runs}, indent=1))
-for r in runs:
-    print("runs", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-for name in ("ops", "compile", "gpu_seed000_gpt2", "gpu_seed000_some", "gpu_seed003_nanogpt_moe", "layer"):
-    p = out / f"{name}.json"
-    try:
-        rows = json.loads(p.read_text())["rows"]
-    except Exception as err:
-        print(f"{name}: no rows ({type(err).__name__})")
-        continue
-    for r in rows:
-        keys = ("impl", "preset", "mode", "path", "dtype", "num_experts", "top_k", "ops", "graph_breaks", "recompiles",
-                "compile_s", "ms", "ms_p90", "tokens_per_s", "ratio", "speedup_vs_transformers", "mfu", "peak_mem_gib")
-        print(name, " ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r.get(k)}"
-                             for k in keys if k in r))
-EOF
+step compile.json 60 "${SOMOE[@]}" bench compile --device $DEV --backend $BACKEND --preset seed000_some --steps 4 \
+  --json "${TINY[@]}"
+for mode in "${MODES[@]}"; do
+  gpu_row seed003_nanogpt_moe "$mode" "${LIMIT[$mode]}"
+done
+wait "$OPS"
+
+"$PY" scripts/gpu_summary.py summary "$OUT" 2>&1 | tee -a "$LOG"
+echo "== done in ${SECONDS}s (budget ${BUDGET}s): rows in $ROWS, log in $LOG" | tee -a "$LOG"

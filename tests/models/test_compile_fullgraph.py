@@ -87,33 +87,3 @@ def test_device_path_issues_at_most_70_ops_per_some_step():
             totals[E] = {impl: count_step_ops(layers[impl], x).total for impl in ("dense", "some")}
     assert totals[16] == totals[64]
     assert totals[16]["some"] <= 70 and totals[16]["dense"] <= 16, totals
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda(mode):
-    """The sync-free device path compiled with inductor (and replayed as CUDA graphs with
-    ``reduce-overhead``): the same losses as eager over steps whose routing and k change, within bf16
-    tolerance (2% relative), and the same gradient direction (cosine > 0.99)."""
-    from somoe.config import load_config
-    from somoe.models.transformer import build_model
-
-    cfg = load_config(preset="seed000_some", overrides=list(TINY))
-    torch.manual_seed(0)
-    eager = build_model(cfg.model, "cuda").train()
-    twin = build_model(cfg.model, "cuda").train()
-    twin.load_state_dict(eager.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(twin, mode=mode)
-    for step in range(4):
-        x = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(step)).cuda()
-        out = []
-        for model, params in ((eager, eager), (compiled, twin)):
-            params.set_progress(step, 8)
-            params.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(x, x).loss
-            loss.backward()
-            out.append((loss.item(), torch.cat([p.grad.flatten() for p in params.parameters() if p.grad is not None])))
-        assert abs(out[0][0] - out[1][0]) <= 0.02 * out[0][0]
-        assert torch.nn.functional.cosine_similarity(out[0][1], out[1][1], dim=0) > 0.99

@@ -216,3 +216,17 @@ def test_inside_autocast_the_experts_run_in_the_autocast_dtype():
         y_TD = dispatch(x_TD, idx_TK, gates_TK, fn, E, compute_dtype(x_TD, w1.dtype))
     assert seen == [torch.bfloat16] and y_TD.dtype == torch.float32
     assert (y_TD - naive(x_TD, idx_TK, gates_TK, w1, b1, w2, b2)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("capability, sync_free", [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True),
+                                                   ((12, 0), False)], ids=["A100", "Ada", "H100", "B200", "RTX50"])
+def test_grouped_matmul_only_on_gpus_whose_kernel_is_sync_free(monkeypatch, capability, sync_free):
+    """torch's grouped matmul runs its CUTLASS kernel on SM 9.x/10.x only; elsewhere its fallback reads
+    the offsets on the host, which a CUDA graph cannot capture: those GPUs take host counts (the loop)."""
+    from somoe.models.dispatch import grouped_mm_available
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert grouped_mm_available(cuda, torch.bfloat16) is sync_free
+    assert not grouped_mm_available(cuda, torch.float32)  # the kernel is bf16-only
+    assert not grouped_mm_available(torch.device("cpu"), torch.bfloat16)

@@ -419,3 +419,30 @@ def test_layer_scale_multiplies_the_output_per_channel_and_trains():
     assert torch.allclose(y_scaled, y_plain * torch.linspace(0.1, 0.5, D), atol=1e-6)
     y_scaled.pow(2).sum().backward()
     assert scaled.out_scale.grad is not None and float(scaled.out_scale.grad.abs().sum()) > 0
+
+
+def test_expert_cache_folder_gives_the_generated_experts_without_drawing_them(tmp_path, monkeypatch):
+    """With SOMOE_EXPERT_CACHE set, the first build draws a layer's experts and writes them with their digest;
+    a second build of the same recipe reads them (the generator is not called) and gets the same weights and
+    hash; another recipe (layer index) gets its own file. Unset, nothing is written."""
+    import somoe.models.ffn.some as some_module
+
+    monkeypatch.setenv("SOMOE_EXPERT_CACHE", str(tmp_path))
+    first = make_layer(0)
+    assert len(list(tmp_path.glob("experts-*.safetensors"))) == 1
+
+    def no_draw(*args, **kwargs):
+        raise AssertionError("drew experts that are in the cache")
+
+    monkeypatch.setattr(some_module, "generate_experts", no_draw)
+    again = make_layer(0)
+    assert torch.equal(first.expert_w1, again.expert_w1) and torch.equal(first.expert_w2, again.expert_w2)
+    assert torch.equal(first.expert_b1, again.expert_b1) and int(first.expert_hash) == int(again.expert_hash)
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    monkeypatch.setenv("SOMOE_EXPERT_CACHE", str(other))
+    make_layer(1), make_layer(0)
+    assert len(list(other.glob("experts-*.safetensors"))) == 2
+    monkeypatch.delenv("SOMOE_EXPERT_CACHE")
+    make_layer(2)
+    assert len(list(other.glob("experts-*.safetensors"))) == 2

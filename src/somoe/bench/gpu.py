@@ -8,14 +8,16 @@ of synchronised steps after the warm-up.
 
 MFU, written out (per optimizer step of ``B x S`` tokens, ``t`` seconds)::
 
-    MFU = (6 * N_active * B * S  +  12 * L * d * S * B * S) / (t * peak_bf16)
+    MFU = ((6 * N_trained + 4 * N_frozen) * B * S  +  12 * L * d * S * B * S) / (t * peak_bf16)
 
-``N_active``: the parameters one token's forward touches, counted as matmul weights: every trainable
-parameter except position embeddings, plus the ``k`` of ``E`` experts a token routes to (frozen SoME
-experts included at 6 FLOPs per weight too, as the convention counts them, although they need no
-weight gradient). ``12 * L * d * S`` per token: attention's score and value products, forward and
-backward (PaLM, appendix B; causal masking not discounted). ``peak_bf16``: the device's dense bf16
-tensor-core peak from :data:`PEAK_BF16` (no sparsity), or on other devices the measured matmul ceiling.
+``N_trained``: the trainable parameters one token's forward touches, counted as matmul weights: every
+trainable parameter except position embeddings, with only the ``k`` of ``E`` routed experts of a
+classic MoE; 6 FLOPs each (2 forward, 2 for the input gradient, 2 for the weight gradient).
+``N_frozen``: the ``k`` of ``E`` frozen SoME experts a token routes to; 4 FLOPs each, since a frozen
+weight gets no weight gradient (2 forward, 2 for the input gradient). ``12 * L * d * S`` per token:
+attention's score and value products, forward and backward (PaLM, appendix B; causal masking not
+discounted). ``peak_bf16``: the device's dense bf16 tensor-core peak from :data:`PEAK_BF16` by chip and
+form factor (no sparsity), or on other devices the measured matmul ceiling.
 """
 
 from __future__ import annotations
@@ -25,41 +27,57 @@ import time
 
 import torch
 
+from ..models.dispatch import grouped_mm_sync_free
 from .common import matmul_ceiling, sync
 from .train import _step, hf_gpt2
 
 PRESETS = ("seed000_gpt2", "seed000_some", "seed003_nanogpt_moe")
 MODES = ("eager", "compiled", "cudagraphs")
-# dense bf16 tensor-core peaks (FLOP/s), from the vendor's data sheets (SXM parts; no 2:4 sparsity)
-PEAK_BF16 = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
+# dense bf16 tensor-core peaks (FLOP/s) from the vendor's data sheets (half the "with sparsity" figure), by
+# chip and form factor: PCIe and NVL cards run at lower clocks and power than the SXM part of the same chip
+PEAK_BF16 = {("A100", "SXM"): 312e12, ("A100", "PCIe"): 312e12,
+             ("H100", "SXM"): 989e12, ("H100", "PCIe"): 756e12, ("H100", "NVL"): 835e12,
+             ("H200", "SXM"): 989e12, ("H200", "NVL"): 835e12}
+
+
+def datasheet_peak(name: str) -> tuple[float, str] | None:
+    """(dense bf16 peak, its label) for a CUDA device name, e.g. ``NVIDIA H100 PCIe`` -> 756 TFLOP/s; the
+    SXM part where the name says neither PCIe nor NVL (``NVIDIA H100 80GB HBM3``); None for other chips."""
+    upper = name.upper()
+    form = "NVL" if "NVL" in upper else "PCIe" if "PCIE" in upper else "SXM"
+    for chip in ("A100", "H100", "H200"):
+        if chip in upper and (chip, form) in PEAK_BF16:
+            return PEAK_BF16[(chip, form)], f"datasheet {chip} {form}"
+    return None
 
 
 def device_peak(device: torch.device) -> tuple[float, str]:
     """(dense bf16 peak FLOP/s, where it came from) for ``device``."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in PEAK_BF16.items():
-            if key in name:
-                return peak, f"datasheet {key}"
+        known = datasheet_peak(torch.cuda.get_device_name(device))
+        if known is not None:
+            return known
     return matmul_ceiling(device, "bf16", n=512 if device.type == "cpu" else None), "measured matmul ceiling"
 
 
-def active_params(model, cfg) -> int:
-    """``N_active`` of the module docstring."""
-    n = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "pos_emb" not in name)
+def active_params(model, cfg) -> tuple[int, int]:
+    """``(N_trained, N_frozen)`` of the module docstring."""
+    trained = sum(p.numel() for name, p in model.named_parameters() if p.requires_grad and "pos_emb" not in name)
+    frozen = 0
     c = cfg.model
     for ffn in model.ffns():
         if c.ffn == "some":  # frozen experts are buffers: the k a token uses
-            n += ffn.active_frozen_param_count()
+            frozen += ffn.active_frozen_param_count()
         elif c.ffn == "moe":  # trainable experts were counted whole above: keep the k of E
             experts = sum(p.numel() for name, p in ffn.named_parameters() if name.startswith("expert_"))
-            n -= experts - experts * c.moe.top_k // c.moe.num_experts
-    return n
+            trained -= experts - experts * c.moe.top_k // c.moe.num_experts
+    return trained, frozen
 
 
 def step_flops(model, cfg, batch: int, seq: int) -> int:
     c = cfg.model
-    return 6 * active_params(model, cfg) * batch * seq + 12 * c.n_layers * c.d_model * seq * batch * seq
+    trained, frozen = active_params(model, cfg)
+    return (6 * trained + 4 * frozen) * batch * seq + 12 * c.n_layers * c.d_model * seq * batch * seq
 
 
 def _compiled(model, mode: str, backend: str):
@@ -91,6 +109,10 @@ def bench_gpu(presets=PRESETS, modes=MODES, steps: int = 10, warmup: int = 3, de
             if mode == "cudagraphs" and dev.type != "cuda":
                 if notes is not None:
                     notes.append(f"{preset}: cudagraphs mode skipped (needs CUDA)")
+                continue
+            if mode == "cudagraphs" and cfg.model.ffn != "dense" and not grouped_mm_sync_free(dev):
+                if notes is not None:  # torch's grouped-matmul fallback reads offsets on the host: no capture
+                    notes.append(f"{preset}: cudagraphs mode skipped (routed experts need compute capability 9.x/10.x)")
                 continue
             for impl, build in builders.items():
                 torch.manual_seed(0)

@@ -81,8 +81,10 @@ class FirstStep(Callback):
         self.path = path
 
     def on_step_end(self, trainer, metrics) -> None:
-        if trainer.step == 1 and trainer.dist.is_main:
-            self.path.write_text(json.dumps(metrics), encoding="utf-8")
+        if trainer.step == 1 and trainer.dist.is_main:  # a compiled step's metrics may still be on the device
+            from ..train.trainer import read_metrics
+
+            self.path.write_text(json.dumps(read_metrics(metrics)), encoding="utf-8")
 
 
 def greedy_samples(model, tokenizer, cfg: RunConfig) -> list[tuple[str, str]]:

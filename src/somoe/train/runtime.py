@@ -74,6 +74,8 @@ def setup_backends(device: torch.device, num_threads: int = 0) -> None:
     if device.type == "cpu":
         keep_freed_cpu_memory()
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        # fp32 matmuls on TF32 tensor cores (10 mantissa bits): fp32 runs' speed. The SoME router and the
+        # key statistics keep true fp32 accuracy through models/fp32_matmul.py, whatever this says.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if device.type == "cuda":

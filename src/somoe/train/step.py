@@ -29,10 +29,14 @@ from torch.optim.adamw import adamw
 
 from ..config import ConfigError, TrainConfig
 from ..models import IGNORE_INDEX
+from ..models.dispatch import grouped_mm_sync_free
 from .nonfinite import finite_step
 from .runtime import RECOMPILE_LIMIT
 
 CUDA_GRAPH_WARMUP = 2  # steps run uncaptured (compiling, allocating) before the capture
+# dynamo settings of the traced step, where this torch has them: ``trace_autograd_ops`` (torch >= 2.11) lets
+# it trace ``torch.autograd.grad`` (without it the step does not trace: scripts/gpu_preflight.py says so)
+TRACE_SETTINGS = {k: True for k in ("trace_autograd_ops", "specialize_float") if hasattr(torch._dynamo.config, k)}
 
 
 def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world_size: int, precision: str) -> None:
@@ -43,6 +47,11 @@ def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world
     if cfg.cuda_graphs and precision != "bf16" and model_cfg.ffn != "dense":
         raise ConfigError(f"train.cuda_graphs=true with routed experts needs train.precision=bf16 (the grouped "
                           f"matmul without a host sync), not {precision}")
+    if cfg.cuda_graphs and model_cfg.ffn != "dense" and not grouped_mm_sync_free(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"train.cuda_graphs=true with routed experts needs a GPU whose grouped matmul is sync-free "
+                          f"(compute capability 9.x or 10.x; this one is {major}.{minor}, where torch reads the "
+                          f"expert offsets on the host); use train.compile=step without cuda_graphs")
     problems = [(world_size > 1, "runs on one process; use train.compile=true under torchrun"),
                 (precision == "fp16", "takes no fp16 GradScaler; use train.precision=bf16 or fp32"),
                 (cfg.activation_checkpointing, "does not combine with train.activation_checkpointing=true; drop one"),
@@ -51,6 +60,16 @@ def check_compiled_step(cfg: TrainConfig, model_cfg, device: torch.device, world
     for bad, why in problems:
         if bad:
             raise ConfigError(f"train.compile=step {why}")
+
+
+def staged_for(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` ready for a non-blocking copy to ``device``: a host tensor bound for CUDA is pinned (an
+    asynchronous copy needs page-locked memory); a tensor already on a device is returned as it is,
+    because torch refuses to pin anything but host memory (callers such as ``somoe bench compile``
+    hand the step batches that already live on the GPU)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory()
+    return t
 
 
 def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
@@ -62,6 +81,16 @@ def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
                 optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
                                       "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                                       "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
+def prepare_frozen_experts(model, device: torch.device, autocast: Callable[[], Any]) -> None:
+    """Frozen experts' copies in the run's compute dtype, made eagerly before a compiled forward traces
+    them (traced code reads a copy but does not create one: models/ffn/some_frozen.py)."""
+    probe = torch.empty(0, device=device)
+    with autocast():
+        for ffn in model.ffns():
+            if hasattr(ffn, "prepare_compute"):
+                ffn.prepare_compute(probe)
 
 
 class CompiledStep:
@@ -78,6 +107,7 @@ class CompiledStep:
             layer.gather_always = True  # one graph: unscheduled steps gather too, and their statistics are dropped
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         init_adamw_state(optimizer)
+        prepare_frozen_experts(model, device, autocast)
         # what the traced update reads, fixed here: reading the param groups would guard on their lr
         self._groups = [_AdamWGroup(group, optimizer.state, self.params) for group in optimizer.param_groups
                         if group["params"]]
@@ -103,8 +133,7 @@ class CompiledStep:
         xs = torch.stack([x for x, _ in micro])
         ys = torch.stack([y for _, y in micro])
         counts_t = torch.tensor(counts, dtype=torch.float32)
-        if self.device.type == "cuda":
-            scalars, xs, ys, counts_t = (t.pin_memory() for t in (scalars, xs, ys, counts_t))
+        scalars, xs, ys, counts_t = (staged_for(t, self.device) for t in (scalars, xs, ys, counts_t))
         self._scalars.copy_(scalars, non_blocking=True)
         inputs = [t.to(self.device, non_blocking=True) for t in (xs, ys, counts_t)]
         out = self._graphed(*inputs) if self._graphed is not None else self._traced(*inputs)
@@ -116,7 +145,7 @@ class CompiledStep:
     def _traced(self, xs: torch.Tensor, ys: torch.Tensor, counts: torch.Tensor) -> dict[str, torch.Tensor]:
         # autograd.grad inside the graph; Python floats (config rates, coefficients: constant over a run) as
         # constants, so that inductor does not restart the trace to turn them into tensors (a second compile)
-        with torch._dynamo.config.patch(trace_autograd_ops=True, specialize_float=True):
+        with torch._dynamo.config.patch(**TRACE_SETTINGS):
             return self._fn(xs, ys, counts, self._scalars)
 
     # --- the traced step ---------------------------------------------------------------------------

@@ -35,7 +35,16 @@ from .nonfinite import TrainingDiverged, finite_step, optimizer_step_if
 from .optim import build_optimizer, lr_at, set_lr
 from .run_lock import acquire_run_lock, release_run_lock
 from .runtime import autocast_factory, compile_model, resolve_device, resolve_precision, setup_backends
-from .step import CompiledStep, check_compiled_step
+from .step import CompiledStep, check_compiled_step, prepare_frozen_experts
+
+
+def read_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with its device tensors as floats, read in one host transfer (a sync on a GPU)."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return metrics
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**metrics, **dict(zip(keys, values))}
 
 
 class Trainer:
@@ -84,6 +93,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.step, self.tokens_seen, self.best_val, self.best_step, self.elapsed = 0, 0, float("inf"), -1, 0.0
+        self._log_mark = (0, 0.0)  # (step, elapsed) at the last train record: the compiled step's tok_per_s window
         # steps skipped for a non-finite loss or gradient norm: counted on the device, read at log/eval/save points
         self._bad_steps = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_steps_seen = 0
@@ -138,7 +148,10 @@ class Trainer:
         return Path(resume)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        wrapped = compile_model(model) if self.cfg.train.compile is True else model
+        wrapped = model
+        if self.cfg.train.compile is True:
+            prepare_frozen_experts(model, self.device, self.autocast)
+            wrapped = compile_model(model)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -161,6 +174,7 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         self.bad_steps_seen = state.get("bad_steps", 0)
         self._bad_steps.fill_(self.bad_steps_seen)
+        self._log_mark = (self.step, self.elapsed)
 
     # --- the loop ------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -232,29 +246,48 @@ class Trainer:
             metrics["aux_loss"] = aux_sum
         return metrics
 
+    def is_log_step(self, step: int) -> bool:
+        """Whether ``step`` (counted after it ran) writes a train record."""
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
+
     def _compiled_train_step(self) -> dict[str, Any]:
         """``train_step`` as one compiled function (train/step.py). The callbacks' ``pre_optim_step``
-        hooks do not run: the self-organizing update is part of the step."""
+        hooks do not run: the self-organizing update is part of the step.
+
+        The step's loss, gradient norm and aux loss stay on the device (0-d tensors, valid until the next
+        step) except at log steps (:meth:`is_log_step`), where they are read together, once: a host read
+        every step would keep the host from queuing the next step (a CUDA graph's replay) while the device
+        runs this one. The non-finite check needs no read (counted on the device, read at log points).
+        ``tok_per_s`` at a log step is the mean since the previous one, whose wall time includes waiting
+        for the device's queue to drain."""
         t0 = time.perf_counter()
         self.model.train()
         self.model.set_progress(self.step, self.total_steps)
         lr = lr_at(self.step, self.total_steps, self.cfg.train)
         set_lr(self.optimizer, lr)  # the compiled step takes lr as data; the groups keep it for checkpoints
         micro = self._micro_batches()
-        targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)
+        targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro)  # host batches: no device read
         out = self.compiled_step(micro, self.step, self.total_steps, lr)
         self.step_ok = out["ok"]
         self._bad_steps += ~self.step_ok
         self.step += 1
         self.tokens_seen += targets
-        metrics = {"step": self.step, "tokens": self.tokens_seen, "loss": float(out["ce_sum"]) / max(targets, 1),
-                   "lr": lr, "grad_norm": float(out["grad_norm"])}
-        aux = float(out["aux"])
+        metrics = {"step": self.step, "tokens": self.tokens_seen, "loss": out["ce_sum"] / max(targets, 1),
+                   "lr": lr, "grad_norm": out["grad_norm"], "aux_loss": out["aux"]}
+        tokens_in = self.cfg.train.batch_size * self.cfg.data.seq_len
+        if self.is_log_step(self.step):
+            metrics = read_metrics(metrics)  # waits for the device
+            if not metrics["aux_loss"]:
+                del metrics["aux_loss"]
         dt = time.perf_counter() - t0
         self.elapsed += dt
-        metrics.update(tok_per_s=self.cfg.train.batch_size * self.cfg.data.seq_len / max(dt, 1e-9), elapsed=self.elapsed)
-        if aux:
-            metrics["aux_loss"] = aux
+        tok_per_s = tokens_in / max(dt, 1e-9)
+        if self.is_log_step(self.step):
+            mark_step, mark_elapsed = self._log_mark
+            if self.step > mark_step:
+                tok_per_s = tokens_in * (self.step - mark_step) / max(self.elapsed - mark_elapsed, 1e-9)
+            self._log_mark = (self.step, self.elapsed)
+        metrics.update(tok_per_s=tok_per_s, elapsed=self.elapsed)
         return metrics
 
     def check_bad_steps(self) -> None:
@@ -311,7 +344,7 @@ class Trainer:
         try:
             while self.step < self.total_steps and self._stop_signal is None:
                 metrics = self.train_step()
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                if self.is_log_step(self.step):
                     self.check_bad_steps()  # checkpoint saves check too
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)

@@ -10,8 +10,10 @@ per-token Python.
 **Expert groups.** ``expert_fn(x_SD, counts)`` gets the sorted token copies and
 ``counts`` (slots per expert): on CPU a :class:`Groups` (a ``list[int]``, one
 host sync per forward, that also carries the sorted gates so that
-:func:`grouped_mlp` applies them inside its autograd function); on CUDA with bf16 compute (and
-anywhere under :func:`static_dispatch` or ``torch.compile``, any dtype) :class:`DeviceGroups`
+:func:`grouped_mlp` applies them inside its autograd function); with bf16 compute on a GPU whose
+grouped kernel is sync-free (compute capability 9.x or 10.x, :func:`grouped_mm_sync_free`; other GPUs
+run the per-expert loop eagerly), and anywhere under :func:`static_dispatch` or ``torch.compile``
+(any dtype), :class:`DeviceGroups`
 (device-side offsets, computed once per layer), and every expert op is one grouped matmul (``F.grouped_mm``;
 ``torch._grouped_mm`` before torch 2.10) over the
 offsets: no ``.item()``/``.tolist()`` in the hot path, capturable in a CUDA
@@ -93,9 +95,10 @@ from .grouped import _padded_layout_if_faster, grouped_mlp, grouped_swiglu  # no
 from .lora import LoRA  # noqa: E402
 from .padded import PaddedLayout, padded_frozen_mlp, padded_layout  # noqa: E402
 from .permute import dispatch, static_dispatch  # noqa: E402
-from .plan import (Counts, DeviceGroups, GroupedFn, Groups, Plan, compute_dtype, expert_counts,  # noqa: E402
-                   grouped_mm_available, host_counts, per_expert, plan, slot_counts)
+from .plan import (SYNC_FREE_GROUPED_MM_MAJORS, Counts, DeviceGroups, GroupedFn, Groups, Plan,  # noqa: E402
+                   compute_dtype, expert_counts, grouped_mm_available, grouped_mm_sync_free, host_counts,
+                   per_expert, plan, slot_counts)
 
-__all__ = ["Counts", "DeviceGroups", "GroupedFn", "Groups", "LoRA", "PaddedLayout", "Plan", "compute_dtype", "dispatch",
-           "expert_counts", "grouped_mlp", "grouped_mm_available", "grouped_swiglu", "host_counts", "padded_frozen_mlp",
+__all__ = ["SYNC_FREE_GROUPED_MM_MAJORS", "Counts", "DeviceGroups", "GroupedFn", "Groups", "LoRA", "PaddedLayout", "Plan", "compute_dtype", "dispatch",
+           "expert_counts", "grouped_mlp", "grouped_mm_available", "grouped_mm_sync_free", "grouped_swiglu", "host_counts", "padded_frozen_mlp",
            "padded_layout", "per_expert", "plan", "slot_counts", "static_dispatch"]

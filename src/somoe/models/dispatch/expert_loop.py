@@ -105,9 +105,11 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
     dy_gated[S:].zero_()
     dx = _with_slack(dy_SD, w1_EDF.shape[1]) if need[0] else None
     dw1 = torch.zeros_like(w1_EDF) if need[4] else None
-    db1 = dy_SD.new_zeros(E, w1_EDF.shape[2]) if need[5] and ctx.has_b1 else None
+    # bias gradients sum an expert's rows: into fp32 even when the rows are bf16 (one rounding fewer)
+    acc = torch.float64 if dt == torch.float64 else torch.float32
+    db1 = dy_SD.new_zeros(E, w1_EDF.shape[2], dtype=acc) if need[5] and ctx.has_b1 else None
     dw2 = torch.zeros_like(w2_EFD) if need[6] else None
-    db2 = dy_SD.new_zeros(E, w2_EFD.shape[2]) if need[7] and ctx.has_b2 else None
+    db2 = dy_SD.new_zeros(E, w2_EFD.shape[2], dtype=acc) if need[7] and ctx.has_b2 else None
     for i, (e, s, t) in enumerate(_slices(counts)):
         pre = pres[i]
         n = pre.shape[0]
@@ -115,12 +117,12 @@ def _expert_loop_backward(ctx, dy_SD, x_SD, pres, gates_S, w1_EDF, w2_EFD):
         if dw2 is not None:
             _mm_into(dw2[e], act_on_aten(pre).t(), dy)
         if db2 is not None:
-            torch.sum(dy, 0, out=db2[e])
+            torch.sum(dy, 0, dtype=acc, out=db2[e])
         d_pre = act_grad_on_aten(act, pre, dy @ w2_EFD[e].to(dt).t())
         if dx is not None:
             torch.mm(d_pre, w1_EDF[e].to(dt).t(), out=dx[s:s + n])
         if dw1 is not None:
             _mm_into(dw1[e], _rows(x_SD, s, n).t(), d_pre)
         if db1 is not None:
-            torch.sum(d_pre, 0, out=db1[e])
+            torch.sum(d_pre, 0, dtype=acc, out=db1[e])
     return None if dx is None else dx[:S], (dw1, db1, dw2, db2)

@@ -44,13 +44,20 @@ def _gmm_weight_grad(a_SK: torch.Tensor, d_SN: torch.Tensor, counts: Counts) -> 
 
 
 def _group_sum(d_SN: torch.Tensor, counts: Counts) -> torch.Tensor:
-    """Per-expert sum of rows (the bias gradient): (E, N)."""
+    """Per-expert sum of rows (the bias gradient): (E, N), in fp32 whatever ``d``'s dtype.
+
+    An expert's bias gradient sums thousands of rows; CUDA's ``index_add_`` into a bf16 buffer adds
+    them one by one in bf16 (8 significant bits: past 256 rows of ones the sum stops growing), so the
+    rows are added into fp32 and the result is handed back in fp32 (autograd casts it to the bias's
+    dtype)."""
+    acc = torch.float64 if d_SN.dtype == torch.float64 else torch.float32
     if _device_counts(counts):
         groups = _groups(counts, d_SN.shape[0])
-        return d_SN.new_zeros(groups.num_experts, d_SN.shape[1]).index_add_(0, groups.expert_S, d_SN)
-    out = d_SN.new_zeros(len(counts), d_SN.shape[1])
+        return d_SN.new_zeros(groups.num_experts, d_SN.shape[1], dtype=acc).index_add_(
+            0, groups.expert_S, d_SN.to(acc))
+    out = d_SN.new_zeros(len(counts), d_SN.shape[1], dtype=acc)
     for e, s, t in _slices(counts):
-        torch.sum(d_SN[s:t], 0, out=out[e])
+        torch.sum(d_SN[s:t], 0, dtype=acc, out=out[e])
     return out
 
 def _grad_or_none(needed: bool, fn: Callable[[], torch.Tensor]) -> torch.Tensor | None:

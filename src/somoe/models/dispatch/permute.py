@@ -45,8 +45,8 @@ def dispatch(x_TD: torch.Tensor, expert_idx_TK: torch.Tensor, gates_TK: torch.Te
     if torch.compiler.is_compiling():
         # traced whole on device groups (no host value, fixed T*K-row shapes), in every dtype (fp32 through
         # plan.grouped_mm's opaque op). Compiled with inductor this path once gave wrong gradients on an
-        # H100 (torch 2.11: a seed000_some step's gradients 85% off eager's while the loss matched); the
-        # CUDA test test_compiled_and_cuda_graph_steps_give_eager_losses_on_cuda checks it on every GPU run
+        # H100 (torch 2.11: a seed000_some step's gradients 85% off eager's while the loss matched);
+        # tests/train/test_step_equivalence.py compares every parameter's gradient on every GPU run
         grouped = True
     return _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped, counts_E)
 
@@ -55,10 +55,11 @@ def _dispatch(x_TD, expert_idx_TK, gates_TK, expert_fn, num_experts, dt, grouped
               counts_E: torch.Tensor | None) -> torch.Tensor:
     K = expert_idx_TK.shape[1]
     p = plan(expert_idx_TK, num_experts, host_counts=not grouped, counts_E=counts_E)
-    x_SD = x_TD.to(dt).index_select(0, p.token_S)  # the K-fold copy: matmul operands must be contiguous
     inverse_S = torch.empty_like(p.order_S)
     inverse_S[p.order_S] = torch.arange(p.order_S.numel(), device=p.order_S.device)
     acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32  # fp32 sums for bf16/fp16 slots
+    # the K-fold copy (matmul operands must be contiguous), whose backward sums each token's K pieces in acc
+    x_SD = _Replicate.apply(x_TD, dt, p.token_S, inverse_S, K, acc)
     if grouped:
         # device groups: offsets once per layer, shared by the forward's and backward's grouped matmuls
         y_SD = expert_fn(x_SD, DeviceGroups(torch.cumsum(p.counts, 0, dtype=torch.int32), p.expert_S))
@@ -100,6 +101,42 @@ class _GatedUnpermute(torch.autograd.Function):
         return du_SD, dg, None, None, None
 
 
+def _sum_slots(y_SD: torch.Tensor, inverse_S: torch.Tensor, K: int, acc: torch.dtype) -> torch.Tensor:
+    """``out_t = sum_j y_{slot(t, j)}`` in ``acc``: the sorted rows gathered back into token order (each
+    token's K slots adjacent) and reduced, never added into a buffer of ``y``'s dtype."""
+    y_TKD = y_SD.index_select(0, inverse_S).view(-1, K, y_SD.shape[1])
+    if y_SD.dtype == acc or y_SD.is_cuda:  # one reduction kernel
+        return y_TKD.sum(1, dtype=acc)
+    # K adds into one accumulator: ``sum(1, dtype=acc)`` first casts the whole T x K x D block
+    # (bf16, cpu_some's shape: 11 ms against 3 ms on the dev box; the same sums, in the same order)
+    if K == 1:
+        return y_TKD[:, 0].to(acc, memory_format=torch.contiguous_format, copy=True)
+    out_TD = torch.add(y_TKD[:, 0].to(acc), y_TKD[:, 1])
+    for j in range(2, K):
+        out_TD += y_TKD[:, j]
+    return out_TD
+
+
+class _Replicate(torch.autograd.Function):
+    """The experts' input: token ``token_S[s]`` at sorted row ``s``, cast to the compute dtype ``dt``.
+
+    Cast first, then gather (the K-fold copy is made in the narrow dtype). Autograd's own backward of
+    that gather would add each token's K input-gradient pieces into a buffer of ``dt``: on CUDA an
+    atomic add in bf16 per piece. Here the pieces are gathered into token order and summed in ``acc``
+    (fp32 for bf16 experts), then cast once to the input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x_TD, dt, token_S, inverse_S, K, acc):
+        ctx.save_for_backward(inverse_S)
+        ctx.K, ctx.acc, ctx.x_dtype = K, acc, x_TD.dtype
+        return x_TD.to(dt).index_select(0, token_S)
+
+    @staticmethod
+    def backward(ctx, dx_SD):
+        (inverse_S,) = ctx.saved_tensors
+        return _sum_slots(dx_SD, inverse_S, ctx.K, ctx.acc).to(ctx.x_dtype), None, None, None, None, None
+
+
 class _Unpermute(torch.autograd.Function):
     """Sum each token's K gated slot outputs, accumulating in ``acc`` (fp32 for bf16 experts).
 
@@ -112,17 +149,7 @@ class _Unpermute(torch.autograd.Function):
     def forward(ctx, y_SD, inverse_S, token_S, K, acc):
         ctx.save_for_backward(token_S)
         ctx.y_dtype = y_SD.dtype
-        y_TKD = y_SD.index_select(0, inverse_S).view(-1, K, y_SD.shape[1])
-        if y_SD.dtype == acc or y_SD.is_cuda:  # one reduction kernel
-            return y_TKD.sum(1, dtype=acc)
-        # K adds into one accumulator: ``sum(1, dtype=acc)`` first casts the whole T x K x D block
-        # (bf16, cpu_some's shape: 11 ms against 3 ms on the dev box; the same sums, in the same order)
-        if K == 1:
-            return y_TKD[:, 0].to(acc, memory_format=torch.contiguous_format, copy=True)
-        out_TD = torch.add(y_TKD[:, 0].to(acc), y_TKD[:, 1])
-        for j in range(2, K):
-            out_TD += y_TKD[:, j]
-        return out_TD
+        return _sum_slots(y_SD, inverse_S, K, acc)
 
     @staticmethod
     def backward(ctx, g_TD):

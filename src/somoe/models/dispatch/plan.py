@@ -109,16 +109,30 @@ def _groups(counts: torch.Tensor | DeviceGroups, rows: int) -> DeviceGroups:
     return counts if isinstance(counts, DeviceGroups) else DeviceGroups.of(counts, rows)
 
 
+# Compute capabilities (majors) where CUDA's grouped matmul runs its CUTLASS kernel: Hopper (9.x) and
+# datacenter Blackwell (10.x), bf16 only (torch 2.10-2.13: ``_scaled_mm_allowed_device(sm90_only,
+# sm100_only)`` in GroupedBlas.cpp). Every other GPU (A100 8.0, Ada 8.9, consumer Blackwell 12.x)
+# gets torch's fallback, which reads the offsets back to the host (``offs.cpu()``) and loops over the
+# groups: a host sync per call, and a failure under CUDA-graph capture.
+SYNC_FREE_GROUPED_MM_MAJORS = (9, 10)
+
+
+def grouped_mm_sync_free(device: torch.device) -> bool:
+    """Whether ``device``'s grouped matmul (bf16) runs without reading the offsets on the host."""
+    if device.type != "cuda" or _grouped_mm is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] in SYNC_FREE_GROUPED_MM_MAJORS
+
+
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether experts on ``device`` computing in ``dtype`` use the grouped matmul (no host sync).
 
-    CUDA bf16 on compute capability >= 8.0 only: that is what the kernel
-    supports. On CPU the op exists but loops over groups itself and has no
-    backward, so the Python loop with preallocated outputs is used there.
+    CUDA bf16 on the GPUs where the kernel is sync-free (:data:`SYNC_FREE_GROUPED_MM_MAJORS`). Other
+    GPUs, fp32 and the CPU take host counts: the per-expert loop (on the CPU, bf16 frozen experts
+    and small fp32 ones the padded bmm where it wins). On the CPU the op exists but loops over groups
+    itself and has no backward, so the Python loop with preallocated outputs is used there.
     """
-    if device.type != "cuda" or dtype != torch.bfloat16 or _grouped_mm is None:
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    return dtype == torch.bfloat16 and grouped_mm_sync_free(device)
 
 
 class Groups(list):

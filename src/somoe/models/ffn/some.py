@@ -27,13 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ModelConfig, SoMEConfig
-from ..dispatch import LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
+from ..dispatch import DeviceGroups, LoRA, compute_dtype, dispatch, expert_counts, grouped_mlp, slot_counts
+from .. import fp32_matmul
 from . import some_rules as rules
 from .base import FFN, in_recompute
 from .moe import switch_loss
 from .registry import register_ffn
 from .routing_tally import RoutingTally
-from .some_experts import DTYPES, ExpertHashMismatch, experts_digest, generate_experts, recipe
+from .some_experts import (DTYPES, ExpertHashMismatch, experts_from_cache_or_generate,
+                           generate_experts, recipe)
+from .some_frozen import FrozenCompute
 from .some_procedural import ProceduralExperts
 from .some_product import MaskedBatchNorm, codebook_rows, product_topk, selected_scores, subkey_scores
 from .some_router import cosine_scores
@@ -103,6 +106,7 @@ class SoMELayer(KeyUpdates, FFN):
         else:
             self.log_tau = None
         self._register_state(D)
+        self._frozen = FrozenCompute()  # before the experts: generating them refreshes it
         self.procedural = None
         if c.expert_storage == "procedural":
             self.procedural = ProceduralExperts(E, D, c.d_ffn, c.init_method, c.sparsity, c.expert_seed,
@@ -225,12 +229,30 @@ class SoMELayer(KeyUpdates, FFN):
             self.expert_hash.fill_(self.procedural.digest())
             self._experts_ready = True
             return
-        tensors = generate_experts(c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity,
-                                   c.expert_seed + self.layer_idx, c.expert_bias, DTYPES[c.expert_dtype])
-        self.expert_hash.fill_(experts_digest(tensors, self._recipe()))
+        tensors, digest = experts_from_cache_or_generate(self._recipe(), lambda: generate_experts(
+            c.num_experts, self.d_model, c.d_ffn, c.init_method, c.sparsity, c.expert_seed + self.layer_idx,
+            c.expert_bias, DTYPES[c.expert_dtype]))
+        self.expert_hash.fill_(digest)
         for name, t in tensors.items():
             getattr(self, f"expert_{name}").copy_(t)
         self._experts_ready = True
+        self._refresh_frozen()
+
+    def _expert_tensors(self) -> tuple:
+        return self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2
+
+    def _refresh_frozen(self) -> None:
+        """Stored experts changed (generated, loaded, moved): the compute copy follows. Procedural experts
+        keep their own tables (some_procedural)."""
+        if self.procedural is None:
+            self._frozen.refresh(self._expert_tensors())
+
+    def prepare_compute(self, x: torch.Tensor) -> None:
+        """Before a compiled step traces this layer, eagerly: the frozen experts' copy in the dtype the
+        forward computes in (``x``'s, or autocast's: call it inside the run's autocast), see some_frozen."""
+        if self.procedural is not None:
+            return
+        self._frozen.prepare(self._expert_tensors(), compute_dtype(x, self.expert_w1.dtype))
 
     @staticmethod
     def _after_load(module: "SoMELayer", _incompatible_keys) -> None:
@@ -238,6 +260,7 @@ class SoMELayer(KeyUpdates, FFN):
             return
         module._updates_on_host = int(module.som_updates)  # came from the checkpoint: one read, at load
         module._refresh_draws()
+        module._refresh_frozen()  # loaded experts (weights checkpoints): the copy follows
 
     def _check_expert_hash(self, module, state_dict, prefix, *_) -> None:
         """Refuse a seed-only checkpoint whose experts would regenerate differently."""
@@ -314,14 +337,14 @@ class SoMELayer(KeyUpdates, FFN):
             return self._router_scores(x_TD.to(router_dtype))
 
     def _router_scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q_raw_TD = q_TD = self.query(x_TD)
+        q_raw_TD = q_TD = fp32_matmul.apply(self.query, x_TD)  # fp32 stays fp32 where TF32 is on
         if self.cfg.center_queries:
             q_TD = q_TD - self.query_center.to(q_TD.dtype)
         keys_ED = self.routing_keys()
         if self.cfg.cosine_scores:
             scores_TE, q_TD = cosine_scores(q_TD, keys_ED, self.temperature())
             return scores_TE, q_TD, q_raw_TD
-        scores_TE = q_TD @ keys_ED.t().to(q_TD.dtype) / math.sqrt(self.d_model)
+        scores_TE = fp32_matmul.mm(q_TD, keys_ED.t().to(q_TD.dtype)) / math.sqrt(self.d_model)
         return scores_TE / self.temperature(), q_TD, q_raw_TD
 
     def _select(self, scores_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,9 +378,11 @@ class SoMELayer(KeyUpdates, FFN):
             return None
         return LoRA(self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2, self.cfg.lora_alpha / self.cfg.lora_rank)
 
-    def _experts(self, x_SD: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_mlp(x_SD, counts, self.expert_w1, self.expert_b1, self.expert_w2, self.expert_b2,
-                           lora=self._lora())
+    def _experts(self, x_SD: torch.Tensor, counts) -> torch.Tensor:
+        # the grouped path (device groups) computes with the cached cast copy; the loop casts per expert
+        cast = isinstance(counts, (DeviceGroups, torch.Tensor))
+        w1, b1, w2, b2 = self._frozen.experts(self._expert_tensors(), x_SD.dtype, cast)
+        return grouped_mlp(x_SD, counts, w1, b1, w2, b2, lora=self._lora())
 
     def _run_experts(self, x_TD: torch.Tensor, idx_TS: torch.Tensor, gates_TS: torch.Tensor,
                      counts_E: torch.Tensor | None = None) -> torch.Tensor:
@@ -443,7 +468,7 @@ class SoMELayer(KeyUpdates, FFN):
 
     def _product_router(self, x_TD: torch.Tensor, weight_T: torch.Tensor | None):
         c = self.cfg
-        q_raw_TQ = q_TQ = self.query(x_TD)
+        q_raw_TQ = q_TQ = fp32_matmul.apply(self.query, x_TD)  # fp32 stays fp32 where TF32 is on
         if c.center_queries:
             q_TQ = q_TQ - self.query_center.to(q_TQ.dtype)
         if self.query_norm is not None:
@@ -544,7 +569,7 @@ class SoMELayer(KeyUpdates, FFN):
             entropy = rules.gate_entropy_sum(g_TK)
         # dense T x E gate matrix (top-k indices are distinct per token): Sq = G^T q is one matmul
         gates_TE = g_TK.new_zeros(T, E).scatter_(1, idx_TK, g_TK)
-        self.stat_q_sum.addmm_(gates_TE.t(), q_TD)
+        fp32_matmul.addmm_(self.stat_q_sum, gates_TE.t(), q_TD)  # the statistics in true fp32 (no TF32)
         self.stat_gate += gates_TE.sum(0)
         self.stat_count += counts_E  # in place: an int64 count promotes into the fp32 accumulator
         if self.cfg.peer and self.cfg.gamma > 0 and K > 1:  # a zero rate needs no peer statistics
@@ -553,13 +578,13 @@ class SoMELayer(KeyUpdates, FFN):
             if live_K is not None:  # a dead slot (gate 0) has no co-selected experts
                 w_TKK = w_TKK * live_K.view(1, K, 1)
             keys_TKD = self.key_store[idx_TK].float()
-            self.stat_peer_sum.index_add_(0, e_S, torch.bmm(w_TKK, keys_TKD).reshape(-1, self.d_model))
+            self.stat_peer_sum.index_add_(0, e_S, fp32_matmul.mm(w_TKK, keys_TKD).reshape(-1, self.d_model))
             self.stat_peer_mass.index_add_(0, e_S, w_TKK.sum(-1).reshape(-1))
-        self.stat_q_total += q_TD.sum(0) if weight_T is None else weight_T @ q_TD
+        self.stat_q_total += q_TD.sum(0) if weight_T is None else fp32_matmul.mm(weight_T, q_TD)
         if self.cfg.decay and self.cfg.decay_target == "sample":
             self._draw_query_samples(q_TD, weight_T)
         if self.cfg.center_queries:
-            self.stat_q_raw_total += q_raw_TD.sum(0) if weight_T is None else weight_T @ q_raw_TD
+            self.stat_q_raw_total += q_raw_TD.sum(0) if weight_T is None else fp32_matmul.mm(weight_T, q_raw_TD)
         self.stat_tokens += T if weight_T is None else weight_T.sum()
         self.stat_gate_entropy += entropy
 
@@ -614,7 +639,9 @@ class SoMELayer(KeyUpdates, FFN):
 
     def _apply(self, fn, recurse: bool = True):
         self._tally._apply(fn)  # the unregistered tally (RoutingTally.attach) follows .to()/.cuda()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._refresh_frozen()  # moved or cast experts: the copy follows
+        return out
 
     @torch.no_grad()
     def readouts(self) -> dict[str, float]:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -95,6 +97,39 @@ def experts_digest(tensors: dict[str, torch.Tensor], description: str) -> int:
         h.update(name.encode())
         h.update(t.view(torch.uint8).numpy())
     return int.from_bytes(h.digest()[:8], "little", signed=True)
+
+
+# A folder where generated experts are kept (one safetensors file per layer recipe, with its digest), so
+# that building the same model again reads them instead of drawing them: seed000_some's 1.6B weights take
+# ~50 s to draw on the CPU. Unset (the default): nothing is written.
+EXPERT_CACHE_ENV = "SOMOE_EXPERT_CACHE"
+
+
+def experts_from_cache_or_generate(description: str, generate) -> tuple[dict[str, torch.Tensor], int]:
+    """``(tensors, digest)`` for a layer's recipe ``description``: read from the folder named by
+    ``SOMOE_EXPERT_CACHE`` when a file for the recipe is there, else ``generate()`` (and written there,
+    atomically, when the variable is set). The digest is stored with the file and trusted: the file name is
+    the recipe's hash, and only this function writes it."""
+    folder = os.environ.get(EXPERT_CACHE_ENV, "")
+    path = Path(folder) / f"experts-{hashlib.sha256(description.encode()).hexdigest()[:24]}.safetensors" if folder else None
+    if path is not None and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("recipe") == description:
+                return {k: f.get_tensor(k) for k in f.keys()}, int(meta["digest"])
+    tensors = generate()
+    digest = experts_digest(tensors, description)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"recipe": description, "digest": str(digest)})
+        os.replace(tmp, path)
+    return tensors, digest
 
 
 class ExpertHashMismatch(RuntimeError):

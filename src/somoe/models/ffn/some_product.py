@@ -20,12 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fp32_matmul import mm
+
 
 def subkey_scores(q_TGd: torch.Tensor, keys_Gnd: torch.Tensor, cosine: bool) -> torch.Tensor:
-    """Scores of every query half against its codebook ``(T, G, n)``: per-half cosine, or dot / sqrt(d_k)."""
+    """Scores of every query half against its codebook ``(T, G, n)``: per-half cosine, or dot / sqrt(d_k).
+    In true fp32 where TF32 is on (``fp32_matmul``): near-ties must not flip the selection."""
     if cosine:
-        return torch.einsum("tgd,gnd->tgn", F.normalize(q_TGd, dim=-1), F.normalize(keys_Gnd, dim=-1))
-    return torch.einsum("tgd,gnd->tgn", q_TGd, keys_Gnd) / math.sqrt(q_TGd.shape[-1])
+        q_TGd, keys_Gnd = F.normalize(q_TGd, dim=-1), F.normalize(keys_Gnd, dim=-1)
+    scores_GTn = mm(q_TGd.transpose(0, 1), keys_Gnd.transpose(1, 2))
+    scores_TGn = scores_GTn.transpose(0, 1)
+    return scores_TGn if cosine else scores_TGn / math.sqrt(q_TGd.shape[-1])
 
 
 def product_topk(scores_TGn: torch.Tensor, k: int, bias_Gn: torch.Tensor | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..fp32_matmul import mm
+
 
 class _CosineScores(torch.autograd.Function):
     """``normalize(q) @ normalize(keys).T / tau`` and the unit queries, with a hand-written backward.
@@ -22,7 +24,7 @@ class _CosineScores(torch.autograd.Function):
         k_scaled_ED = F.normalize(keys_ED, dim=-1).to(q_TD.dtype)
         if isinstance(tau, torch.Tensor) or tau != 1.0:
             k_scaled_ED = k_scaled_ED / tau  # the small E x D side takes 1/tau
-        scores_TE = q_hat_TD @ k_scaled_ED.t()
+        scores_TE = mm(q_hat_TD, k_scaled_ED.t())  # true fp32 where cuBLAS would use TF32
         tau_tensor = isinstance(tau, torch.Tensor)
         ctx.save_for_backward(q_hat_TD, norm_T1, k_scaled_ED, scores_TE if tau_tensor else None,
                               tau if tau_tensor else None)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import SoMEConfig
+from ..fp32_matmul import mm
 
 
 # --- schedules ----------------------------------------------------------------------------
@@ -94,10 +95,10 @@ def repulsion_delta(keys_ED: torch.Tensor, beta: float) -> torch.Tensor:
     if E < 2:
         return torch.zeros_like(keys_ED)
     unit_ED = F.normalize(keys_ED, dim=-1, eps=1e-12)
-    w_EE = (unit_ED @ unit_ED.transpose(-1, -2)).clamp_min_(0.0)
+    w_EE = mm(unit_ED, unit_ED.transpose(-1, -2)).clamp_min_(0.0)
     w_EE.diagonal(dim1=-2, dim2=-1).zero_()
     # sum_e' w_ee' (k_e - k_e') = (sum_e' w_ee') k_e - (W K)_e
-    push_ED = w_EE.sum(-1, keepdim=True) * keys_ED - w_EE @ keys_ED
+    push_ED = w_EE.sum(-1, keepdim=True) * keys_ED - mm(w_EE, keys_ED)
     return beta * push_ED / (E - 1)
 
 

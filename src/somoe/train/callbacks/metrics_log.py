@@ -54,8 +54,9 @@ class MetricsLogger(Callback):
             return
         if self.bar is not None:
             self.bar.update(trainer.step - self.bar.n)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tok_per_s']:.0f}", refresh=False)
-        if trainer.step % trainer.cfg.train.log_every == 0 or trainer.step == trainer.total_steps:
+            if isinstance(metrics["loss"], float):  # the compiled step reads its loss at log steps only
+                self.bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tok_per_s']:.0f}", refresh=False)
+        if trainer.is_log_step(trainer.step):
             self._write({"kind": "train", **metrics})
 
     def on_eval(self, trainer, metrics) -> None:
