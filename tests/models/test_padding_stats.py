@@ -33,7 +33,7 @@ def layer_state(model) -> list[dict[str, torch.Tensor | float]]:
     for ffn in model.ffns():
         state = {k: float(v) for k, v in ffn.readouts().items() if not k.startswith("key_")}
         if hasattr(ffn, "som_statistics"):
-            state.update({name: ffn.get_buffer(name).clone() for name in statistic_shapes(ffn.cfg, 6, 16)})
+            state.update({name: ffn.get_buffer(name).clone() for name in statistic_shapes(ffn.cfg, 16)})
         out.append(state)
     return out
 
