@@ -76,8 +76,9 @@ def prepare_inputs(root: Path) -> dict[str, Path | str]:
     p["missing"] = files / "no-such-thing"
     p["spaced_missing"] = files / "no such f\u00efle \u00fc"
     p["new_out"] = root / "work" / "new-out"
-    (p["adir"] := files / "adir").mkdir()
-    (p["afile"] := files / "afile.txt").write_text("a file\n", encoding="utf-8")
+    p["adir"], p["afile"] = files / "adir", files / "afile.txt"
+    p["adir"].mkdir()
+    p["afile"].write_text("a file\n", encoding="utf-8")
     p["under_file"] = p["afile"] / "sub"
     # /proc refuses new entries even to root, where chmod would not stop a write
     p["unwritable"] = Path("/proc/somoe-bad-input/out")
@@ -85,7 +86,8 @@ def prepare_inputs(root: Path) -> dict[str, Path | str]:
                           ("bad_yaml", b"model: [d_model: 64\n  train: {"), ("truncated_yaml", b"model:\n  d_model: \"6"),
                           ("list_yaml", b"- 1\n- 2\n"), ("bad_json", b"{\"model\": {not json"),
                           ("truncated_json", b"{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\", \"vocab\": {")]:
-        (p[name] := files / f"{name}.{'yaml' if 'yaml' in name else 'txt'}").write_bytes(content)
+        p[name] = files / f"{name}.{'yaml' if 'yaml' in name else 'txt'}"
+        p[name].write_bytes(content)
 
     runs = root / "variants"
     runs.mkdir()
@@ -125,7 +127,8 @@ def prepare_inputs(root: Path) -> dict[str, Path | str]:
         (data / name).mkdir(parents=True)
         (data / name / "train.txt").write_bytes(content)
         p[f"data_{name}"] = data / name
-    (p["tiny_sweep"] := root / "tiny-sweep.yaml").write_text(
+    p["tiny_sweep"] = root / "tiny-sweep.yaml"
+    p["tiny_sweep"].write_text(
         "preset: debug\nruns:\n  a: [train.max_steps=1]\n", encoding="utf-8")
     (root / "work").mkdir()
     return p
