@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -25,6 +26,10 @@ from forked_cli import ForkedCli
 from helpers import TINY
 
 ROOT_NAME = "bad-input"
+# the somoe under test, also for processes started in another working folder (a relative PYTHONPATH=src
+# would then find an installed somoe instead)
+SOMOE_SRC = os.pathsep.join([str(Path(__import__("somoe").__file__).parents[1]),
+                             *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 # --- the prepared inputs ---------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def prepare_inputs(root: Path) -> dict[str, Path | str]:
                                     lambda r: [(c / "config.yaml").write_bytes(b"model: [\n")
                                                for c in [r, *(r / "checkpoints").glob("step-*")]])
     p["run_bad_tokenizer"] = _copy_run(p["run"], runs / "bad-tokenizer",
-                                       lambda r: (r / "tokenizer.json").write_bytes(b"{\"model\": {"))
+                                       lambda r: [t.write_bytes(b"{\"model\": {") for t in r.rglob("tokenizer.json")])
     for name, content in [("binary", BINARY), ("latin1", LATIN1), ("torn", b"{\"kind\": \"train\", \"st"),
                           ("empty", b"")]:
         p[f"run_{name}_metrics"] = _copy_run(p["run"], runs / f"{name}-metrics",
@@ -224,7 +229,7 @@ def bench(tmp_path_factory):
     inputs = prepare_inputs(root)
     env = {"SOMOE_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "MPLCONFIGDIR": str(tmp_path_factory.mktemp("mpl")), "PYTHONWARNINGS": "ignore"}
-    cli = ForkedCli(env)
+    cli = ForkedCli({**env, "PYTHONPATH": SOMOE_SRC})
     yield root, inputs, cli
     cli.close()
 
@@ -282,12 +287,20 @@ def test_bad_inputs(bench):
     """All the cases in one test: the session's run and server are shared, and the report lists every
     failing case at once (with its id) rather than stopping at the first."""
     root, inputs, cli = bench
-    failures = []
+    failures, seconds = [], {}
     for case in ALL_CASES:
+        start = time.perf_counter()
         problems = check_case(case, root, inputs, cli)
+        seconds[case.id] = time.perf_counter() - start
         if problems:
             failures.append(f"{case.id}: {'; '.join(problems)}")
-    print(f"{len(ALL_CASES)} cases, {len(failures)} failed")
+    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:8]
+    by_verb: dict[str, float] = {}
+    for case in ALL_CASES:
+        by_verb[case.verb] = by_verb.get(case.verb, 0.0) + seconds[case.id]
+    print(f"{len(ALL_CASES)} cases in {sum(seconds.values()):.1f} s, {len(failures)} failed; slowest: "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in slowest) + "; by verb: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(by_verb.items(), key=lambda kv: -kv[1])))
     assert not failures, f"{len(failures)} of {len(ALL_CASES)} cases failed:\n" + "\n".join(failures)
 
 
@@ -325,5 +338,5 @@ def test_a_forked_case_matches_a_plain_process(bench, tmp_path):
                  ["generate", str(inputs["run"]), "--top-k=-1"]):
         forked = cli.run(argv, cwd=tmp_path)
         plain = subprocess.run([sys.executable, "-m", "somoe", *argv], cwd=tmp_path, capture_output=True,
-                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": SOMOE_SRC})
         assert (forked.code, forked.err) == (plain.returncode, plain.stderr)

@@ -22,6 +22,21 @@ def read_records(run_dir: Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")  # a torn last line (a killed write) is skipped, with a warning
 
 
+def check_metrics(run_dir: Path) -> None:
+    """Refuse a folder with no metrics.jsonl, or one without a single complete record (empty, binary, torn)."""
+    from ..config import ConfigError
+
+    file = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir} is not a run folder ({'a file' if Path(run_dir).exists() else 'no such folder'}); "
+                          f"pass a folder written by somoe train")
+    if not file.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl; pass a run folder written by somoe train")
+    if not read_records(run_dir):
+        raise ConfigError(f"{file} holds no complete record (empty, truncated or not JSON lines); pass a run "
+                          f"folder written by somoe train, or retrain it")
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of ``metrics.jsonl``."""
     records = read_records(run_dir)
@@ -134,6 +149,7 @@ def plot_metrics(run_dir: Path) -> Path | None:
 
 
 def write_report(run_dir: Path) -> str:
+    check_metrics(run_dir)
     plot_metrics(run_dir)
     return write_summary(run_dir)
 

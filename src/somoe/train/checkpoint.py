@@ -304,7 +304,11 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> 
 
 def tokenizer_digest(path: Path) -> str:
     """sha256 of a tokenizer.json's canonical JSON (vocabulary, merges, specials; not its whitespace)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"tokenizer {path} is corrupt ({str(err).splitlines()[0][:60]}); copy the run's "
+                              f"tokenizer.json back from a backup, or retrain the run") from None
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
