@@ -206,15 +206,15 @@ def _numeric_keys(cls, prefix: str = ""):
 
 
 def override_cases() -> list[Case]:
-    """Every numeric config key with a negative, NaN, infinite, huge and zero value (``somoe params``).
-    NaN and infinity are always refused, a negative value unless the key documents a negative sentinel;
+    """Every numeric config key with a negative, NaN, huge and zero value (``somoe params``).
+    NaN is always refused, a negative value unless the key documents a negative sentinel;
     zero and huge values must be refused in one line or accepted."""
     from somoe.config import RunConfig
 
     cases = []
     for key, tp in _numeric_keys(RunConfig):
         for value in BAD_NUMBERS:
-            must_fail = value in ("nan", "inf") or (value == "-1" and key not in NEGATIVE_OK)
+            must_fail = value == "nan" or (value == "-1" and key not in NEGATIVE_OK)
             cases.append(Case("params", f"override {key}={value}", ("params", "--preset", "debug", f"{key}={value}"),
                               names=(key,), code=2 if must_fail else -1))
     return cases

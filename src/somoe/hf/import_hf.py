@@ -242,8 +242,6 @@ def llama_state(hf_model, hf: dict) -> dict[str, torch.Tensor]:
 
 # --- the command -----------------------------------------------------------------------------------
 def import_hf(folder: str | Path, out: str | Path, log=print) -> Imported:
-    from transformers import AutoModelForCausalLM
-
     folder, out = Path(folder), Path(out)
     hf = read_config(folder)
     if out.exists() and not out.is_dir():
@@ -256,6 +254,8 @@ def import_hf(folder: str | Path, out: str | Path, log=print) -> Imported:
                       [f"name={out.name}", f"data.seq_len={min(256, _max_len(hf))}",
                        f"data.tokenizer_path={(out / 'tokenizer.json').resolve()}", "train.precision=fp32"])
     cfg.description = f"imported from {folder.resolve()} ({hf['model_type']})"
+    from transformers import AutoModelForCausalLM  # seconds to import: only once the folder has passed the checks
+
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() if _has_dtype_kwarg() \
         else AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     state = gpt2_state(hf_model, hf["n_layer"]) if hf["model_type"] == "gpt2" else llama_state(hf_model, hf)
