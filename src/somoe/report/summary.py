@@ -47,6 +47,17 @@ def middle_layer(config: dict) -> int:
     return int(config.get("model", {}).get("n_layers", 0)) // 2
 
 
+def _newest_checkpoint_state(run_dir: Path) -> dict:
+    """trainer_state.json of the run's newest checkpoint ({} without one, or if it cannot be read)."""
+    from ..train.checkpoint import list_checkpoints, read_trainer_state
+
+    ckpts = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    try:
+        return read_trainer_state(ckpts[-1]) if ckpts else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any]:
     """The figures a summary reports, as a dict (also what ``somoe compare`` tabulates)."""
     run_dir = Path(run_dir)
@@ -59,6 +70,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     elapsed = max([r.get("elapsed", 0.0) for r in train + evals] or [0.0])
     tokens = max([r.get("tokens", 0) for r in train + evals] or [0])
     steps = max([r.get("step", 0) for r in train + evals] or [0])
+    saved = _newest_checkpoint_state(run_dir)  # a stopped run saves past its last logged step
+    steps, tokens = max(steps, saved.get("step", 0)), max(tokens, saved.get("tokens_seen", 0))
+    elapsed = max(elapsed, saved.get("elapsed", 0.0))
     seq = config.get("data", {}).get("seq_len", 0) * config.get("train", {}).get("batch_size", 0)
     mid = middle_layer(config)
     mid_key = f"layer{mid}/"
