@@ -57,6 +57,23 @@ def check_resume_config(run_dir: Path, old: RunConfig, new: RunConfig, allow: tu
                           f"mix them: choose a new --out, or pass {flags} to continue anyway")
 
 
+def precheck_resume_config(run_dir: Path, resume: str | None, new: RunConfig, allow: tuple[str, ...] = ()) -> None:
+    """:func:`check_resume_config` against the newest checkpoint, before the run's lock file is written,
+    so that a refused resume changes no file (the trainer checks again, under the lock)."""
+    from .checkpoint import list_checkpoints, load_config_from
+
+    if resume in (None, "", "never"):
+        return
+    candidates = [Path(resume)] if resume != "auto" else list_checkpoints(Path(run_dir))[::-1]
+    for ckpt in candidates:
+        try:
+            old = load_config_from(ckpt)
+        except Exception:  # noqa: BLE001 - unreadable: the trainer's own resume reports or skips it
+            continue
+        check_resume_config(run_dir, old, new, allow)
+        return
+
+
 def record_config_changes(run_dir: Path, old: RunConfig, new: RunConfig, step: int, log) -> dict[str, list]:
     """Warn about and append to the history the settings a resume at ``step`` changes; returns them."""
     changes = config_changes(old, new)
