@@ -51,6 +51,9 @@ def register(sub) -> None:
 
     q = kinds.add_parser("memory", help="parameter/optimizer/checkpoint bytes and a measured CPU step")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--quick", action="store_true",
+                   help=f"measure the step on {QUICK_MEMORY_SEQ_LEN}-token sequences (unless --seq-len is given); "
+                        f"the counts are the same")
     q.add_argument("--preset", default="seed000_some", help="comma list of presets")
     q.add_argument("--batch", type=count(1), default=1)
     q.add_argument("--seq-len", type=count(0), default=0, help="0: the preset's data.seq_len")
@@ -96,6 +99,9 @@ def register(sub) -> None:
     q.add_argument("--no-hf", action="store_true", help="skip transformers' GPT2LMHeadModel rows")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset (a CPU dry run shrinks them)")
     q.set_defaults(func=cmd_gpu)
+
+
+QUICK_MEMORY_SEQ_LEN = 64  # bench memory --quick: a short measured step, seconds instead of minutes on a CPU
 
 
 def _dtypes(args) -> tuple[str, ...]:
@@ -183,7 +189,8 @@ def cmd_memory(args) -> int:
     from ..train.runtime import keep_freed_cpu_memory
 
     keep_freed_cpu_memory()  # the peak a training process on the CPU reaches, with training's allocator settings
-    rows = [memory.memory_report(p, args.batch, args.seq_len or None, not args.no_measure, tuple(args.overrides),
+    seq_len = args.seq_len or (QUICK_MEMORY_SEQ_LEN if args.quick else None)
+    rows = [memory.memory_report(p, args.batch, seq_len, not args.no_measure, tuple(args.overrides),
                                  args.budget_gib) for p in args.preset.split(",") if p]
     notes = [f"{r['preset']}: peak RSS {r['rss_peak_bytes'] / memory.GIB:.2f} GiB of a {args.budget_gib:g} GiB budget "
              f"(fits: {r['fits_budget']})" for r in rows if "rss_peak_bytes" in r]
