@@ -3,8 +3,8 @@
 :func:`new_output` refuses an output path that is a file, sits under a file or cannot be created, in
 one line naming the flag, and creates it. It notes on ``args`` the topmost folder it created, so that
 ``cli.main`` removes that folder when the verb then fails (:func:`remove_new_outputs`): a failed
-command leaves nothing behind. A folder that holds a checkpoint is kept: it is a run that a rerun
-resumes (training stopped by divergence or a crash keeps its best checkpoint).
+command leaves nothing behind. A folder that holds a checkpoint or training records is kept: it is
+a run that a rerun resumes, or the record of a crash mid-training.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def new_output(args, path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def _holds_checkpoint(folder: Path) -> bool:
-    return any(folder.rglob("step-*/model.safetensors"))
+def _holds_a_run(folder: Path) -> bool:
+    return any(folder.rglob("step-*/model.safetensors")) or any(f.stat().st_size for f in folder.rglob("metrics.jsonl"))
 
 
 def remove_new_outputs(args) -> None:
-    """Remove the output folders this command created, unless they hold a checkpoint."""
+    """Remove the output folders this command created, unless they hold a run (checkpoints, records)."""
     for top in getattr(args, _NEW, None) or []:
-        if top.is_dir() and not _holds_checkpoint(top):
+        if top.is_dir() and not _holds_a_run(top):
             shutil.rmtree(top, ignore_errors=True)
