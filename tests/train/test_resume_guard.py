@@ -102,3 +102,18 @@ def test_quickstart_on_other_data_never_resumes_the_builtin_runs(tmp_path, data_
     err = capsys.readouterr().err
     assert code == 2 and "data.train_path" in err and "choose a new --out" in err
     assert tree(builtin) == before
+
+
+def test_a_step_0_checkpoint_may_be_trained_on_any_data(tmp_path, data_cache, capsys):
+    """An imported or upcycled run starts at step 0: it has seen none of this run's data."""
+    from somoe.config import load_config
+    from somoe.train.checkpoint import save_checkpoint
+    from somoe.models import build_model
+
+    run = tmp_path / "imported"
+    cfg = load_config(preset="debug", overrides=[*TINY, f"data.cache_dir={data_cache}"])
+    save_checkpoint(run, 0, build_model(cfg.model), None, {"step": 0, "tokens_seen": 0, "best_val": float("inf"),
+                                                           "best_step": -1, "elapsed": 0.0, "world_size": 1}, cfg)
+    assert main(["train", "--preset", "debug", "--out", str(run), "--no-progress", "--resume", "auto", *TINY,
+                 f"data.cache_dir={data_cache}", "data.builtin_train_stories=90", "train.max_steps=1",
+                 "train.eval_every=0"]) == 0, capsys.readouterr().err

@@ -47,8 +47,14 @@ def guarded(key: str) -> bool:
     return key.startswith(GUARDED_PREFIXES) and key not in NOT_GUARDED
 
 
-def check_resume_config(run_dir: Path, old: RunConfig, new: RunConfig, allow: tuple[str, ...] = ()) -> None:
-    """Refuse a resume that changes the data, tokenizer or model the checkpoints were trained on."""
+def check_resume_config(run_dir: Path, checkpoint: Path, new: RunConfig, allow: tuple[str, ...] = ()) -> None:
+    """Refuse a resume from ``checkpoint`` that changes the data, tokenizer or model it was trained on.
+    A step-0 checkpoint (an imported or upcycled model) has seen no data of this run: any may follow."""
+    from .checkpoint import load_config_from, read_trainer_state
+
+    if int(read_trainer_state(checkpoint).get("step", 0)) == 0:
+        return
+    old = load_config_from(checkpoint)
     refused = {k: v for k, v in config_changes(old, new).items() if guarded(k) and k not in allow}
     if refused:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -60,17 +66,17 @@ def check_resume_config(run_dir: Path, old: RunConfig, new: RunConfig, allow: tu
 def precheck_resume_config(run_dir: Path, resume: str | None, new: RunConfig, allow: tuple[str, ...] = ()) -> None:
     """:func:`check_resume_config` against the newest checkpoint, before the run's lock file is written,
     so that a refused resume changes no file (the trainer checks again, under the lock)."""
-    from .checkpoint import list_checkpoints, load_config_from
+    from .checkpoint import list_checkpoints, load_config_from, read_trainer_state
 
     if resume in (None, "", "never"):
         return
     candidates = [Path(resume)] if resume != "auto" else list_checkpoints(Path(run_dir))[::-1]
     for ckpt in candidates:
         try:
-            old = load_config_from(ckpt)
+            load_config_from(ckpt), read_trainer_state(ckpt)
         except Exception:  # noqa: BLE001 - unreadable: the trainer's own resume reports or skips it
             continue
-        check_resume_config(run_dir, old, new, allow)
+        check_resume_config(run_dir, ckpt, new, allow)
         return
 
 

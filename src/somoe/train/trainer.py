@@ -60,7 +60,7 @@ class Trainer:
                                         acquire_run_lock(self.run_dir) if self.dist.is_main else None)
         resume_from = self._resume_point(resume)
         if resume_from is not None:  # before anything is written: never resume on other data or another model
-            check_resume_config(self.run_dir, load_config_from(resume_from), cfg, tuple(allow_config_change))
+            check_resume_config(self.run_dir, resume_from, cfg, tuple(allow_config_change))
 
         # rank 0 prepares (tokenizer, caches); the others then read what it wrote
         if self.dist.is_main:
