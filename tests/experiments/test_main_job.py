@@ -104,8 +104,12 @@ def test_bad_data_folders_are_one_line_errors_and_touch_nothing(tmp_path, data_c
         (folder / "train.txt").write_bytes(content)
         (folder / "dev.txt").write_text("A dev story.\n", encoding="utf-8")
         capsys.readouterr()
-        assert main(args + ["--data", str(folder)]) == 2
+        # on other data the finished run's folder would be refused (a resume never mixes data sets):
+        # a fresh --out reaches the file checks, and is not left behind
+        fresh = tmp_path / f"fresh-{name}"
+        assert main(["quickstart", "--out", str(fresh), *args[3:], "--data", str(folder)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0] and str(folder / "train.txt") in err[0]
+        assert not fresh.exists()
         assert {p: p.read_bytes() for p in files} == files
         assert {p: os.stat(p).st_mtime_ns for p in files} == stamps

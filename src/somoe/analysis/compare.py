@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import ConfigError
 from ..report.summary import comparison_table, read_metrics, summarize_run
 from .plots import pyplot, save
 
 
 def check_runs(run_dirs: list[Path]) -> None:
+    from ..report.summary import check_metrics
+
     for run in run_dirs:
-        if not (run / "metrics.jsonl").is_file():
-            raise ConfigError(f"{run} has no metrics.jsonl; pass run folders written by somoe train")
+        check_metrics(run)
 
 
 def run_labels(run_dirs: list[Path], summaries: list[dict]) -> list[str]:

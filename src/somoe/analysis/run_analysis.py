@@ -50,6 +50,12 @@ def analyze_run(run_dir: str | Path, checkpoints: str = "all", out: str | Path |
                 k: int | None = None, device: str = "cpu", log=print) -> Path:
     """Write the analysis of ``run_dir`` into ``out`` (default RUN/analysis); returns analysis.md."""
     run_dir = Path(run_dir)
+    if data:  # a bad --data file fails before minutes of clustering and plotting, not after
+        from ..config import ConfigError
+        from ..data.sources import read_story_file
+
+        if not read_story_file(data):
+            raise ConfigError(f"--data {data} holds no stories; pass a non-empty .txt/.jsonl/.parquet file")
     out = Path(out) if out else run_dir / "analysis"
     if _product_keys(run_dir):  # sub-key codebooks and an n x n pool: maps instead of key galaxies
         from .product_keys import analyze_product_run

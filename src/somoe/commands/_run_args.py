@@ -6,13 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import RunConfig, load_config
+from ._outputs import new_output
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a shipped preset (see `somoe presets`)")
     p.add_argument("--config", help="a YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=4e-4")
+
+
+def add_allow_change_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-config-change", action="append", default=[], metavar="KEY",
+                   help="let a resume change this data.*/model.* setting (repeatable); refused otherwise, since "
+                        "the checkpoints were trained with the old one")
 
 
 def load_run_config(args) -> RunConfig:
@@ -23,11 +30,8 @@ def load_run_config(args) -> RunConfig:
 
 
 def run_dir(args, cfg: RunConfig) -> Path:
-    """``--out``, or runs/NAME; refused when it names a file."""
-    folder = Path(args.out) if args.out else Path("runs") / cfg.name
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--out {folder} is a file, not a folder; choose another --out")
-    return folder
+    """``--out``, or runs/NAME, created; refused when it names a file (see ``_outputs.new_output``)."""
+    return new_output(args, Path(args.out) if args.out else Path("runs") / cfg.name)
 
 
 def print_result(args, result: dict, line: str) -> int:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from ._numbers import count
+
 
 def cmd_analyze(args) -> int:
+    from pathlib import Path
+
     from ..analysis.run_analysis import analyze_run
+    from ._outputs import new_output
 
     k = args.clusters or None
-    analyze_run(args.run, checkpoints=args.checkpoints, out=args.out, data=args.data,
+    out = new_output(args, args.out or Path(args.run) / "analysis")
+    analyze_run(args.run, checkpoints=args.checkpoints, out=out, data=args.data,
                 sample_batches=args.sample_batches, method=args.method, k=k, device=args.device)
     return 0
 
@@ -19,8 +25,8 @@ def register(sub) -> None:
                    help="'all' (default), 'last', or comma-separated steps, e.g. 100,400")
     p.add_argument("--out", help="output folder (default RUN/analysis)")
     p.add_argument("--data", help="held-out text file for the specialisation table (default: the run's validation split)")
-    p.add_argument("--sample-batches", type=int, default=20, help="held-out batches of 8 windows for specialisation")
+    p.add_argument("--sample-batches", type=count(1), default=20, help="held-out batches of 8 windows for specialisation")
     p.add_argument("--method", choices=["kmeans", "agglomerative"], default="kmeans", help="key clustering")
-    p.add_argument("--clusters", type=int, default=0, help="number of clusters (0 = best silhouette in 2..12)")
+    p.add_argument("--clusters", type=count(0), default=0, help="number of clusters (0 = best silhouette in 2..12)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_analyze)

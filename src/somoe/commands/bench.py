@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ._numbers import count, number
+
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmarks (vs dense, GPT-2 and transformers)")
@@ -17,17 +19,17 @@ def register(sub) -> None:
     def common(q, reps: int):
         q.add_argument("--json", action="store_true", help='print {"rows": [...]} instead of a table')
         q.add_argument("--quick", action="store_true", help="a small grid / few presets / fewer repetitions")
-        q.add_argument("--reps", type=int, default=reps, help="timed repetitions per implementation (median)")
+        q.add_argument("--reps", type=count(1), default=reps, help="timed repetitions per implementation (median)")
         q.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16")
-        q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+        q.add_argument("--threads", type=count(0, 4096), default=0, help="torch intra-op threads (0: torch's default)")
         q.add_argument("--device", default="cpu")
 
     q = kinds.add_parser("layer", help="FFN layer forward+backward: SoME, MoE, dense, transformers' Mixtral block")
     common(q, 5)
     q.add_argument("--grid", default="", help="E:k pairs, e.g. 8:2,64:4,128:8 (default; --quick: 64:4)")
-    q.add_argument("--tokens", type=int, default=4096)
-    q.add_argument("--d-model", type=int, default=256)
-    q.add_argument("--d-ffn", type=int, default=512)
+    q.add_argument("--tokens", type=count(1), default=4096)
+    q.add_argument("--d-model", type=count(1), default=256)
+    q.add_argument("--d-ffn", type=count(1), default=512)
     _router_arg(q, "cpu_some_pk's layer at N = 65,536 and 1,048,576 beside cpu_some's, with the time shares of "
                    "scoring and top-k, weight generation, expert compute and the rules, and peak memory")
     q.set_defaults(func=cmd_layer)
@@ -44,19 +46,22 @@ def register(sub) -> None:
     q = kinds.add_parser("generate", help="KV-cache generation tokens/s vs transformers' generate")
     common(q, 3)
     q.add_argument("--preset", default="cpu_gpt2")
-    q.add_argument("--batch", type=int, default=8)
-    q.add_argument("--prompt-len", type=int, default=32)
-    q.add_argument("--new-tokens", type=int, default=64)
+    q.add_argument("--batch", type=count(1), default=8)
+    q.add_argument("--prompt-len", type=count(1), default=32)
+    q.add_argument("--new-tokens", type=count(1), default=64)
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_generate)
 
     q = kinds.add_parser("memory", help="parameter/optimizer/checkpoint bytes and a measured CPU step")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--quick", action="store_true",
+                   help=f"measure the step on {QUICK_MEMORY_SEQ_LEN}-token sequences (unless --seq-len is given); "
+                        f"the counts are the same")
     q.add_argument("--preset", default="seed000_some", help="comma list of presets")
-    q.add_argument("--batch", type=int, default=1)
-    q.add_argument("--seq-len", type=int, default=0, help="0: the preset's data.seq_len")
+    q.add_argument("--batch", type=count(1), default=1)
+    q.add_argument("--seq-len", type=count(0), default=0, help="0: the preset's data.seq_len")
     q.add_argument("--no-measure", action="store_true", help="count only (meta device, no forward/backward)")
-    q.add_argument("--budget-gib", type=float, default=24.0)
+    q.add_argument("--budget-gib", type=number(0.0, 1e6, low_open=True), default=24.0)
     q.add_argument("overrides", nargs="*", metavar="key=value")
     q.set_defaults(func=cmd_memory)
 
@@ -64,21 +69,21 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true")
     q.add_argument("--dtypes", default="fp32", help="comma list of fp32, bf16")
     q.add_argument("--paths", default="host,device", help="host (the CPU's per-expert loop), device (the GPU path)")
-    q.add_argument("--top", type=int, default=0, help="also list the N most frequent ops per row")
+    q.add_argument("--top", type=count(0), default=0, help="also list the N most frequent ops per row")
     q.add_argument("--grid", default="64:4", help="E:k pairs")
-    q.add_argument("--tokens", type=int, default=256)
-    q.add_argument("--d-model", type=int, default=64)
-    q.add_argument("--d-ffn", type=int, default=128)
+    q.add_argument("--tokens", type=count(1), default=256)
+    q.add_argument("--d-model", type=count(1), default=64)
+    q.add_argument("--d-ffn", type=count(1), default=128)
     q.set_defaults(func=cmd_ops)
 
     q = kinds.add_parser("compile", help="graph breaks, compiles, recompiles and compile time of a preset's training step")
     q.add_argument("--json", action="store_true")
     q.add_argument("--preset", default="cpu_some", help="comma list of presets")
-    q.add_argument("--steps", type=int, default=6, help="training steps (top-k warm-up, an eval and a reload inside)")
+    q.add_argument("--steps", type=count(2), default=6, help="training steps (top-k warm-up, an eval and a reload inside)")
     q.add_argument("--backend", default="inductor", help="torch.compile backend (eager, aot_eager, inductor)")
     q.add_argument("--dtypes", default="bf16", help="comma list of fp32, bf16")
     q.add_argument("--device", default="cpu")
-    q.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    q.add_argument("--threads", type=count(0, 4096), default=0, help="torch intra-op threads (0: torch's default)")
     q.add_argument("--fullgraph", action="store_true", help="fail on the first graph break instead of counting")
     q.add_argument("--scope", choices=("step", "model"), default="step",
                    help="step: the whole training step as train.compile=step runs it; model: the model alone")
@@ -89,11 +94,11 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true")
     q.add_argument("--presets", default="seed000_gpt2,seed000_some,seed003_nanogpt_moe")
     q.add_argument("--modes", default="eager,compiled,cudagraphs", help="comma list of eager, compiled, cudagraphs")
-    q.add_argument("--steps", type=int, default=10, help="timed steps per row (after --warmup)")
-    q.add_argument("--warmup", type=int, default=3)
+    q.add_argument("--steps", type=count(1), default=10, help="timed steps per row (after --warmup)")
+    q.add_argument("--warmup", type=count(0), default=3)
     q.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled mode")
     q.add_argument("--device", default="cuda")
-    q.add_argument("--threads", type=int, default=0)
+    q.add_argument("--threads", type=count(0, 4096), default=0)
     q.add_argument("--no-hf", action="store_true", help="skip transformers' GPT2LMHeadModel rows")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset (a CPU dry run shrinks them)")
     q.set_defaults(func=cmd_gpu)
@@ -112,6 +117,9 @@ def _product_rows(args, kind: str) -> int:
     rows = product_keys.bench_product(kind, sizes, dtype, reps=min(args.reps, 3) if args.quick else args.reps,
                                       rounds=1 if args.quick else 2, threads=args.threads)
     return _emit(args, rows, product_keys.LAYER_COLUMNS if kind == "layer" else product_keys.TRAIN_COLUMNS, [])
+
+
+QUICK_MEMORY_SEQ_LEN = 64  # bench memory --quick: a short measured step, seconds instead of minutes on a CPU
 
 
 def _dtypes(args) -> tuple[str, ...]:
@@ -203,7 +211,8 @@ def cmd_memory(args) -> int:
     from ..train.runtime import keep_freed_cpu_memory
 
     keep_freed_cpu_memory()  # the peak a training process on the CPU reaches, with training's allocator settings
-    rows = [memory.memory_report(p, args.batch, args.seq_len or None, not args.no_measure, tuple(args.overrides),
+    seq_len = args.seq_len or (QUICK_MEMORY_SEQ_LEN if args.quick else None)
+    rows = [memory.memory_report(p, args.batch, seq_len, not args.no_measure, tuple(args.overrides),
                                  args.budget_gib) for p in args.preset.split(",") if p]
     notes = [f"{r['preset']}: peak RSS {r['rss_peak_bytes'] / memory.GIB:.2f} GiB of a {args.budget_gib:g} GiB budget "
              f"(fits: {r['fits_budget']})" for r in rows if "rss_peak_bytes" in r]

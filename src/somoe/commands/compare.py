@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def cmd_compare(args) -> int:
+    from ..analysis.compare import check_runs
     from ..analysis.compare import compare_runs
+    from pathlib import Path
 
-    out = args.out or "runs/compare"
+    from ._outputs import new_output
+
+    check_runs([Path(r) for r in args.runs])  # before the output folder is created
+    out = new_output(args, args.out or "runs/compare")
     print(compare_runs(args.runs, out, title=args.title))
     print(f"wrote {out}/compare.md, compare.png, compare.json")
     return 0

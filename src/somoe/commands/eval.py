@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._numbers import count
+
 from ._run_args import print_result
 
 
@@ -20,8 +22,8 @@ def register(sub) -> None:
     p.add_argument("--data", help="a local .txt/.jsonl/.parquet file (default: the run's validation split)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--adapt", action="store_true", help="let SoME keys self-organize during eval (ablation C)")
-    p.add_argument("--batches", type=int, default=0, help="cap on eval batches (0 = all)")
-    p.add_argument("--seq-len", type=int, default=0,
+    p.add_argument("--batches", type=count(0), default=0, help="cap on eval batches (0 = all)")
+    p.add_argument("--seq-len", type=count(0), default=0,
                    help="score in windows of this many tokens (0 = the run's data.seq_len; longer ones need "
                         "RoPE or sinusoidal positions, untrained past the run's length)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last")

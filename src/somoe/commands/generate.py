@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._numbers import count, number
+
 
 def cmd_generate(args) -> int:
     from ..evaluate.runs import load_run
@@ -24,12 +26,12 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run or checkpoint")
     p.add_argument("run")
     p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=count(0), default=200)
+    p.add_argument("--temperature", type=number(0.0, 1e6), default=0.8)
+    p.add_argument("--top-k", type=count(0), default=0)
+    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=0.95)
     p.add_argument("--greedy", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0, 2**63 - 1), default=0)
     p.add_argument("--interactive", action="store_true", help="a prompt loop (/temp, /topk, /quit ...)")
     p.add_argument("--checkpoint", choices=["last", "best"], default="last")
     p.add_argument("--device", default="auto")

@@ -13,6 +13,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..hf.import_hf import import_hf
+    from ._outputs import check_output
 
+    check_output(args.out, "--out")
     import_hf(args.folder, args.out)
     return 0

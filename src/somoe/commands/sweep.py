@@ -26,7 +26,11 @@ def cmd_sweep(args) -> int:
             state, step, total = run_status(Path(out) / run.name)
             print(f"{run.name:28s} {state:8s} {step}/{total or '?'}  {' '.join(run.overrides)}")
         return 0
-    return 0 if run_sweep(sweep, out, extra) else 130
+    from ..train.stopping import last_exit_code
+    from ._outputs import new_output
+
+    new_output(args, out)
+    return 0 if run_sweep(sweep, out, extra) else last_exit_code()
 
 
 def register(sub) -> None:

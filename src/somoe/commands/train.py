@@ -6,7 +6,7 @@ import argparse
 import gc
 import signal
 
-from ._run_args import add_config_args, load_run_config, run_dir
+from ._run_args import add_allow_change_arg, add_config_args, load_run_config, run_dir
 
 
 def cmd_prepare(args) -> int:
@@ -14,7 +14,6 @@ def cmd_prepare(args) -> int:
 
     cfg = load_run_config(args)
     folder = run_dir(args, cfg)
-    folder.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, folder)
     print(f"train: {data.train.n_stories:,} stories, {len(data.train):,} tokens | "
           f"val: {data.val.n_stories:,} stories, {len(data.val):,} tokens | tokenizer {data.tokenizer_path}")
@@ -27,12 +26,19 @@ def cmd_train(args) -> int:
         from .configs import cmd_params
 
         return cmd_params(argparse.Namespace(**{**vars(args), "json": False}))
+    from ..config import ConfigError
     from ..report.summary import write_report
+    from ..train.checkpoint import list_checkpoints
     from ..train.dist import cleanup
     from ..train.trainer import Trainer
 
+    check_resume_arg(args.resume)
     folder = run_dir(args, cfg)
-    trainer = Trainer(cfg, folder, resume=args.resume, progress=not args.no_progress)
+    if args.resume in (None, "", "never") and list_checkpoints(folder):  # before the lock file is written
+        raise ConfigError(f"run folder {folder} already has checkpoints; pass --resume auto to continue it or "
+                          f"choose another --out")
+    trainer = Trainer(cfg, folder, resume=args.resume, progress=not args.no_progress,
+                      allow_config_change=tuple(args.allow_config_change))
     trainer.log(f"run folder {folder} | device {trainer.device} | precision {trainer.precision} | "
                 f"{trainer.total_steps} steps | params {trainer.model.param_counts()}")
     try:
@@ -50,6 +56,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def check_resume_arg(resume: str | None) -> None:
+    """``--resume`` is auto, never, or a checkpoint folder."""
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    if resume not in (None, "", "auto", "never") and not (Path(resume) / "trainer_state.json").is_file():
+        raise ConfigError(f"--resume {resume} is not a checkpoint folder (RUN/checkpoints/step-XXXXXXXX); pass one, "
+                          f"or --resume auto for the run folder's newest")
+
+
 def register(sub) -> None:
     p = sub.add_parser("prepare", help="train/reuse the tokenizer and pretokenize the data")
     add_config_args(p)
@@ -61,5 +78,6 @@ def register(sub) -> None:
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", help="'auto' (newest checkpoint of the run folder) or a step-XXXXXXXX folder")
     p.add_argument("--dry-run", action="store_true", help="print parameter counts and exit")
+    add_allow_change_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -19,9 +19,10 @@ def run(args) -> int:
 
     from ..config import ConfigError, load_config
     from ..experiments.transition import run_transition
+    from ._outputs import new_output
 
     if not (args.preset or args.config):
         raise ConfigError("somoe transition needs --preset (e.g. cpu_transition) or --config FILE")
     cfg = load_config(preset=args.preset, config_file=args.config, overrides=args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = new_output(args, Path(args.out) if args.out else Path("runs") / cfg.name)
     return run_transition(cfg, out, progress=not args.no_progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+# numeric keys whose documented range includes a negative sentinel; every other number must be >= 0
+NEGATIVE_SENTINELS = {"train.warmup_steps": "-1 = 3% of the steps", "model.some.beta_final": "-1 = no annealing"}
+INT_LIMIT = 2**63 - 1  # past int64, torch overflows deep inside (seeds, sizes)
 
 
 class ConfigError(ValueError):
@@ -111,6 +116,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
 
+def _check_number(value: float, key: str) -> None:
+    """What holds for every numeric setting: finite, within int64, and not negative unless it has a
+    negative sentinel (NaN would pass every ``<``/``>`` check of the ``validate`` methods)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is not a finite number; give a number, e.g. {key}=1")
+    if abs(value) > INT_LIMIT:
+        raise ConfigError(f"{key}={value:g} is too large (limit {INT_LIMIT:.2g}); give a smaller value")
+    if value < 0 and key not in NEGATIVE_SENTINELS:
+        raise ConfigError(f"{key}={value} must be >= 0")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
     if data is None:
@@ -124,6 +140,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+        if hints[key] in (int, float):
+            _check_number(kwargs[key], prefix + key)
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -175,10 +193,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file to --config")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ConfigError(f"config file {path} is empty; pass a YAML file with model:, data: and/or train: "
+                              f"sections, or --preset NAME")
+        data = yaml.safe_load(text) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not text (binary or not UTF-8); pass a YAML file") from None
     except yaml.YAMLError as err:

@@ -77,7 +77,9 @@ class ModelConfig:
     def _check_tensor_sizes(self) -> None:
         """Refuse a shape whose largest weight no machine can hold, before anything allocates
         (PyTorch would fail deep inside with a storage-size overflow)."""
-        sizes = {"vocab_size": self.vocab_size * self.d_model, "d_ffn": self.ffn_hidden * self.d_model}
+        sizes = {"vocab_size": self.vocab_size * self.d_model, "d_ffn": self.ffn_hidden * self.d_model,
+                 "max_seq_len": self.max_seq_len * self.d_model,  # the position table / RoPE cache
+                 "n_layers": self.n_layers * self.d_model * self.d_model}  # one attention projection per layer
         if self.ffn == "some" and self.some.expert_storage == "stored":
             sizes["some.d_ffn"] = self.some.num_experts * self.some.d_ffn * self.d_model
         if self.ffn == "moe":

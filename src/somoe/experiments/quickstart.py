@@ -46,12 +46,24 @@ def data_overrides(folder: str | None) -> list[str]:
     return out
 
 
-def train_preset(preset: str, run_dir: Path, overrides: list[str]):
+def main_job_folder(data: str | None) -> Path:
+    """The main job's default output folder, named after its data so that runs on other stories never
+    resume (or overwrite) the built-in stories' runs: runs/main_job/builtin, or
+    runs/main_job/NAME-HASH for ``--data`` folder NAME (HASH: 8 hex digits of its absolute path)."""
+    import hashlib
+
+    if not data:
+        return Path("runs") / "main_job" / "builtin"
+    root = Path(data).expanduser().resolve()
+    return Path("runs") / "main_job" / f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}"
+
+
+def train_preset(preset: str, run_dir: Path, overrides: list[str], allow_config_change: tuple[str, ...] = ()):
     from ..report.summary import write_report
     from ..train.trainer import Trainer
 
     cfg = load_config(preset=preset, overrides=overrides)
-    trainer = Trainer(cfg, run_dir, resume="auto")
+    trainer = Trainer(cfg, run_dir, resume="auto", allow_config_change=allow_config_change)
     counts = trainer.model.param_counts()
     trainer.log(f"== {preset}: {trainer.total_steps} steps | {counts['trainable'] / 1e6:.2f}M trainable of "
                 f"{counts['total'] / 1e6:.2f}M | device {trainer.device} | precision {trainer.precision} | "
@@ -118,17 +130,22 @@ def routing_line(name: str, summary: dict) -> str | None:
 def run_quickstart(args) -> int:
     from ..generate.sampling import GenerationConfig, generate_text
     from ..report.summary import comparison_table, summarize_run
+    from ..train.stopping import stop_code
 
     presets = [p for p in (args.presets or ",".join(MAIN_JOB_PRESETS)).split(",") if p]
     if args.moe and MOE_PRESET not in presets:
         presets.append(MOE_PRESET)  # the classic MoE baseline as one more row of the comparison
     overrides = data_overrides(args.data) + list(args.overrides)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else main_job_folder(args.data)
     source = args.data or "the built-in TinyStories stories (2,415 train, 300 dev; CDLA-Sharing-1.0)"
     print(f"main job: {' vs '.join(presets)} on {source}")
     samples, flops = {}, {}
     for preset in presets:
-        trainer = train_preset(preset, out / preset, overrides)
+        trainer = train_preset(preset, out / preset, overrides, tuple(getattr(args, "allow_config_change", ())))
+        if (code := stop_code(trainer)) is not None:  # the whole job stops; a rerun resumes this run
+            print(f"main job stopped by {trainer.stop_signal} in {preset} at step {trainer.step}; run the same "
+                  f"command again to resume")
+            return code
         flops[preset] = active_flops_per_token(trainer.cfg.model)
         gen = GenerationConfig(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=0)
         samples[preset] = generate_text(trainer.model, trainer.data.tokenizer, [SAMPLE_PROMPT], gen)[0]

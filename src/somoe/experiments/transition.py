@@ -193,6 +193,7 @@ def _banner(log, title: str) -> None:
 def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=print) -> int:
     """Both phases and the conversion between them; returns an exit code (1: verification failed)."""
     from ..train.checkpoint import list_checkpoints
+    from ..train.stopping import stop_code
     from ..train.trainer import Trainer
     from .upcycle import probe_from_stream, save_upcycled, upcycle_model, verify
 
@@ -207,7 +208,7 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
         phase1.fit()
     if phase1.step < phase1.total_steps and dense_cfg.train.max_minutes <= 0:
         log(f"phase 1 stopped at step {phase1.step}; rerun the same command to resume")
-        return 130
+        return stop_code(phase1) or 130
     link_checkpoint(list_checkpoints(out / "dense")[-1], out / "checkpoints" / "dense")
     samples["dense"] = greedy_samples(phase1.model, phase1.data.tokenizer, cfg)
 
@@ -248,7 +249,7 @@ def run_transition(cfg: RunConfig, out: str | Path, progress: bool = True, log=p
         phase2.fit()
     if phase2.step < phase2.total_steps and t.max_minutes <= 0:
         log(f"phase 2 stopped at step {phase2.step}; rerun the same command to resume")
-        return 130
+        return stop_code(phase2) or 130
     link_checkpoint(list_checkpoints(moe_dir)[-1], out / "checkpoints" / "moe_final")
     samples["moe"] = greedy_samples(phase2.model, phase2.data.tokenizer, cfg)
 

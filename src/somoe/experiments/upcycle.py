@@ -235,6 +235,9 @@ def upcycle_run(dense_run: str | Path, out: str | Path, num_experts: int | None 
     if list_checkpoints(Path(out)):
         raise CheckpointError(f"{out} already has checkpoints; choose another --out for the upcycled run")
     run = load_run(dense_run, device=device, which=which)
+    if run.cfg.model.ffn != "dense":
+        raise ConfigError(f"{dense_run} is a model.ffn={run.cfg.model.ffn} run; upcycling needs a dense run "
+                          f"(model.ffn=dense)")
     moe_cfg = moe_config(run.cfg, num_experts, top_k, overrides)
     moe = upcycle_model(run.model, moe_cfg)
     seq_len = run.cfg.data.seq_len

@@ -50,6 +50,9 @@ def _checkpoint_arg(run: Path, step: int | None) -> Path:
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a folder; pick another OUT")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"OUT {out}: {blocker} is a file, not a folder; pick another OUT")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ConfigError(f"{out} exists and is not empty; pick another OUT or pass --force to replace it")
 
@@ -62,9 +65,13 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, step: int 
     native, config, weights = mapping.build(loaded.cfg.model, loaded.model)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write(tmp, loaded, native, config, weights)
+    except OSError as err:  # a file on the way, a read-only or full disk: the partial export is removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"OUT {out} cannot be written ({err.strerror}: {err.filename}); choose another "
+                          f"OUT") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,7 @@ import torch
 from ..config import ConfigError, load_config, save_config
 from ..data import BPETokenizer
 from ..models import build_model
-from ..train.checkpoint import list_checkpoints, save_checkpoint
+from ..train.checkpoint import CheckpointError, check_safetensors, list_checkpoints, save_checkpoint
 
 SUPPORTED = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 UNSUPPORTED_MSG = "supported: " + ", ".join(f"{cls} (model_type {t})" for t, cls in SUPPORTED.items())
@@ -38,11 +38,29 @@ class Imported:
     max_diff: float  # max |logit difference| on the check batch (source tokens, fp32)
 
 
+def read_json(file: Path):
+    """A JSON file of the model folder; one line naming the file when it is not UTF-8 JSON."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file} is not UTF-8 text (bad byte at offset {err.start}); re-save the model folder "
+                          f"(save_pretrained) or download it again") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); re-save the "
+                          f"model folder (save_pretrained) or download it again") from None
+
+
 def read_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise ConfigError(f"{folder} {what}; pass a local Hugging Face model folder (config.json, model.safetensors, "
+                          f"tokenizer.json)")
     file = folder / "config.json"
     if not file.is_file():
         raise ConfigError(f"{folder} has no config.json; pass a local Hugging Face model folder")
-    config = json.loads(file.read_text(encoding="utf-8"))
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} is not a JSON object; pass a Hugging Face config.json")
     if config.get("model_type") not in SUPPORTED:
         arch = (config.get("architectures") or [config.get("model_type")])[0]
         raise ConfigError(f"{folder}: architecture {arch} cannot be imported; {UNSUPPORTED_MSG}")
@@ -53,7 +71,11 @@ def check_weights(folder: Path) -> None:
     """Refuse pickled weights and an index that names a missing shard, before anything is loaded."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        data = read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index} has no weight_map; download the complete checkpoint")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise ConfigError(f"{folder}: shard {missing[0]} listed in model.safetensors.index.json is missing "
@@ -61,6 +83,14 @@ def check_weights(folder: Path) -> None:
     elif not (folder / "model.safetensors").is_file():
         raise ConfigError(f"{folder} has no model.safetensors (pickled .bin weights are not read); "
                           f"save the model with safe_serialization=True")
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        try:
+            check_safetensors(folder / shard)
+        except CheckpointError as err:
+            raise ConfigError(f"{folder / shard} is truncated or corrupt; download the checkpoint again "
+                              f"({str(err).split('(', 1)[-1].split(')')[0]})") from None
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -101,7 +131,7 @@ def somoe_overrides(hf: dict, vocab_size: int) -> list[str]:
 def _special(folder: Path, hf: dict, vocab: dict[str, int], name: str) -> int | None:
     """Id of the source's ``name`` token (eos/unk/pad) from tokenizer_config.json or config.json."""
     settings_file = folder / "tokenizer_config.json"
-    settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
+    settings = read_json(settings_file) if settings_file.is_file() else {}
     token = settings.get(f"{name}_token")
     if isinstance(token, dict):
         token = token.get("content")
@@ -116,7 +146,9 @@ def renumber_tokenizer(folder: Path, hf: dict, model_vocab: int) -> tuple[dict, 
     file = folder / "tokenizer.json"
     if not file.is_file():
         raise ConfigError(f"{folder} has no tokenizer.json; save the tokenizer with a fast (Rust) backend")
-    tok = json.loads(file.read_text(encoding="utf-8"))
+    tok = read_json(file)
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        raise ConfigError(f"{file} is not a tokenizers JSON file (no model section); save the tokenizer again")
     model = tok.get("model", {})
     byte_level = "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tok.get("decoder"))
     if model.get("type") != "BPE" or not byte_level:
@@ -210,10 +242,10 @@ def llama_state(hf_model, hf: dict) -> dict[str, torch.Tensor]:
 
 # --- the command -----------------------------------------------------------------------------------
 def import_hf(folder: str | Path, out: str | Path, log=print) -> Imported:
-    from transformers import AutoModelForCausalLM
-
     folder, out = Path(folder), Path(out)
     hf = read_config(folder)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose another --out")
     check_weights(folder)
     if list_checkpoints(out) or (out / "config.yaml").exists():
         raise ConfigError(f"{out} already holds a run; choose another --out")
@@ -222,6 +254,8 @@ def import_hf(folder: str | Path, out: str | Path, log=print) -> Imported:
                       [f"name={out.name}", f"data.seq_len={min(256, _max_len(hf))}",
                        f"data.tokenizer_path={(out / 'tokenizer.json').resolve()}", "train.precision=fp32"])
     cfg.description = f"imported from {folder.resolve()} ({hf['model_type']})"
+    from transformers import AutoModelForCausalLM  # seconds to import: only once the folder has passed the checks
+
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval() if _has_dtype_kwarg() \
         else AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
     state = gpt2_state(hf_model, hf["n_layer"]) if hf["model_type"] == "gpt2" else llama_state(hf_model, hf)
@@ -266,8 +300,8 @@ def write_run(out: Path, cfg, model, tok_json: dict) -> None:
     """config.yaml, tokenizer.json and a step-0 checkpoint, written in ``out.tmp`` then moved in."""
     tmp = out.with_name(out.name + ".import-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False), encoding="utf-8")
         BPETokenizer.load(tmp / "tokenizer.json")  # somoe's own contract: [UNK]=0, [PAD]=1, [EOS]=2
         save_config(cfg, tmp / "config.yaml")
@@ -275,10 +309,14 @@ def write_run(out: Path, cfg, model, tok_json: dict) -> None:
         state = {"step": 0, "tokens_seen": 0, "best_val": float("inf"), "best_step": -1, "elapsed": 0.0,
                  "world_size": 1, "imported_from": cfg.description}
         save_checkpoint(tmp, 0, model, None, state, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            item.rename(out / item.name)
+        tmp.rmdir()
+    except OSError as err:  # a file where the folder goes, a read-only or full disk: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"--out {out} cannot be written ({err.strerror}: {err.filename}); choose another "
+                          f"--out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    out.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():
-        item.rename(out / item.name)
-    tmp.rmdir()

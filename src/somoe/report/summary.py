@@ -22,6 +22,21 @@ def read_records(run_dir: Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")  # a torn last line (a killed write) is skipped, with a warning
 
 
+def check_metrics(run_dir: Path) -> None:
+    """Refuse a folder with no metrics.jsonl, or one without a single complete record (empty, binary, torn)."""
+    from ..config import ConfigError
+
+    file = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir} is not a run folder ({'a file' if Path(run_dir).exists() else 'no such folder'}); "
+                          f"pass a folder written by somoe train")
+    if not file.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl; pass a run folder written by somoe train")
+    if not read_records(run_dir):
+        raise ConfigError(f"{file} holds no complete record (empty, truncated or not JSON lines); pass a run "
+                          f"folder written by somoe train, or retrain it")
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of ``metrics.jsonl``."""
     records = read_records(run_dir)
@@ -30,6 +45,17 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def middle_layer(config: dict) -> int:
     return int(config.get("model", {}).get("n_layers", 0)) // 2
+
+
+def _newest_checkpoint_state(run_dir: Path) -> dict:
+    """trainer_state.json of the run's newest checkpoint ({} without one, or if it cannot be read)."""
+    from ..train.checkpoint import list_checkpoints, read_trainer_state
+
+    ckpts = list_checkpoints(run_dir) if run_dir.is_dir() else []
+    try:
+        return read_trainer_state(ckpts[-1]) if ckpts else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def summarize_run(run_dir: Path) -> dict[str, Any]:
@@ -44,6 +70,9 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     elapsed = max([r.get("elapsed", 0.0) for r in train + evals] or [0.0])
     tokens = max([r.get("tokens", 0) for r in train + evals] or [0])
     steps = max([r.get("step", 0) for r in train + evals] or [0])
+    saved = _newest_checkpoint_state(run_dir)  # a stopped run saves past its last logged step
+    steps, tokens = max(steps, saved.get("step", 0)), max(tokens, saved.get("tokens_seen", 0))
+    elapsed = max(elapsed, saved.get("elapsed", 0.0))
     seq = config.get("data", {}).get("seq_len", 0) * config.get("train", {}).get("batch_size", 0)
     mid = middle_layer(config)
     mid_key = f"layer{mid}/"
@@ -149,6 +178,7 @@ def plot_metrics(run_dir: Path) -> Path | None:
 
 
 def write_report(run_dir: Path) -> str:
+    check_metrics(run_dir)
     plot_metrics(run_dir)
     return write_summary(run_dir)
 

@@ -200,7 +200,7 @@ def check_checkpoint(path: Path) -> None:
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
         file = path / name
         if file.is_file():
-            _check_safetensors(file)
+            check_safetensors(file)
     try:
         read_trainer_state(path)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -212,7 +212,7 @@ def _corrupt(file: Path, err: Exception) -> CheckpointError:
                            f"delete that checkpoint folder and resume from an earlier one")
 
 
-def _check_safetensors(file: Path) -> None:
+def check_safetensors(file: Path) -> None:
     """Header and size check without reading the tensors: safetensors refuses a file whose
     length does not match its header, so truncation is caught at the cost of one header read."""
     try:
@@ -304,7 +304,11 @@ def load_training_state(path: Path, optimizer: torch.optim.Optimizer | None) -> 
 
 def tokenizer_digest(path: Path) -> str:
     """sha256 of a tokenizer.json's canonical JSON (vocabulary, merges, specials; not its whitespace)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"tokenizer {path} is corrupt ({str(err).splitlines()[0][:60]}); copy the run's "
+                              f"tokenizer.json back from a backup, or retrain the run") from None
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

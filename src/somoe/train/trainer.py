@@ -28,7 +28,7 @@ from ..models import IGNORE_INDEX, build_model
 from .callbacks import Callback, CheckpointCallback, MetricsLogger, SelfOrganizeCallback
 from .checkpoint import (check_tokenizer, find_resumable, list_checkpoints, load_config_from, load_model_state,
                          load_training_state, tokenizer_digest)
-from .config_changes import record_config_changes
+from .config_changes import check_resume_config, precheck_resume_config, record_config_changes
 from .dist import DistInfo, all_reduce_scalar, all_reduce_sum_, barrier, init_distributed
 from .metrics_file import read_jsonl
 from .nonfinite import TrainingDiverged, finite_step, optimizer_step_if
@@ -49,7 +49,8 @@ def read_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: str | None = None,
-                 callbacks: list[Callback] | None = None, progress: bool = True, log=None):
+                 callbacks: list[Callback] | None = None, progress: bool = True, log=None,
+                 allow_config_change: tuple[str, ...] = ()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self._log = log
         self.device = resolve_device(cfg.train.device)
@@ -61,11 +62,14 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.autocast = autocast_factory(self.precision, self.device)
         self._check_batch_split()
+        precheck_resume_config(self.run_dir, resume, cfg, tuple(allow_config_change))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # one writer per run folder; released at the end of fit(), or when a Trainer is dropped without it
         self._unlock = weakref.finalize(self, release_run_lock,
                                         acquire_run_lock(self.run_dir) if self.dist.is_main else None)
         resume_from = self._resume_point(resume)
+        if resume_from is not None:  # before anything is written: never resume on other data or another model
+            check_resume_config(self.run_dir, resume_from, cfg, tuple(allow_config_change))
 
         # rank 0 prepares (tokenizer, caches); the others then read what it wrote
         if self.dist.is_main:

@@ -72,6 +72,21 @@ def _grid_runs(grid) -> list[SweepRun]:
     return runs
 
 
+def _read_yaml(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"sweep file {path} is not text (binary or not UTF-8); pass a sweep YAML file") from None
+    if not text.strip():
+        raise ConfigError(f"sweep file {path} is empty; give a preset and runs or a grid (see `somoe sweep --list`)")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"sweep file {path} is not valid YAML{where}; fix the syntax") from None
+
+
 def load_sweep(name_or_path: str) -> Sweep:
     """A shipped sweep by name (``somoe sweep --list``) or a sweep YAML file."""
     path = Path(name_or_path)
@@ -81,7 +96,7 @@ def load_sweep(name_or_path: str) -> Sweep:
             raise ConfigError(f"sweep '{name_or_path}' is neither a file nor a shipped sweep; shipped: "
                               f"{', '.join(list_sweeps())}")
         path = shipped
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data = _read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a YAML mapping with preset, overrides, runs and/or grid")
     unknown = set(data) - {"name", "description", "preset", "config", "overrides", "runs", "grid", "scaling"}
@@ -132,9 +147,11 @@ def train_run(cfg: RunConfig, run_dir: Path, log: Callable[[str], None] = print,
     from ...train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume="auto", progress=False, log=log, callbacks=list(callbacks))
+    from ...train.stopping import stop_code
+
     trainer.fit()
     write_report(run_dir)
-    return trainer._stop_signal is None
+    return stop_code(trainer) is None
 
 
 def run_sweep(sweep: Sweep, out: str | Path, extra: list[str] = (), train: Callable = train_run,
