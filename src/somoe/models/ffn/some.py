@@ -64,10 +64,10 @@ def statistic_shapes(c: SoMEConfig, d_model: int) -> dict[str, tuple[int, ...]]:
     so switched-off features cost neither memory nor all-reduce volume. Per key (or sub-key) row ``R``:
     ``R x d`` sums and ``R`` masses and counts; per query ``Q`` (its width) the totals."""
     R, d, Q = key_rows_shape(c), key_width(c, d_model), c.query_width(d_model)
-    shapes = {"stat_q_sum": (*R, d), "stat_gate": R, "stat_count": R, "stat_q_total": (Q,), "stat_tokens": (),
-              "stat_gate_entropy": ()}
+    shapes = {"stat_q_sum": (*R, d), "stat_gate": R, "stat_count": R}
     if c.router == "exhaustive":  # the peer rule (co-selected keys) exists for whole keys only
         shapes.update(stat_peer_sum=(*R, d), stat_peer_mass=R)
+    shapes.update(stat_q_total=(Q,), stat_tokens=(), stat_gate_entropy=())
     if c.center_queries:
         shapes["stat_q_raw_total"] = (Q,)
     if c.decay and c.decay_target == "sample":
@@ -290,8 +290,10 @@ class SoMELayer(KeyUpdates, FFN):
         return c.num_experts * per_expert
 
     def active_frozen_param_count(self) -> int:
-        """Frozen expert elements one token uses: its routed slots' experts."""
-        return self.cfg.slots_per_token * 2 * self.d_model * self.cfg.d_ffn
+        """Frozen expert elements one token uses: its routed slots' experts (stored biases included)."""
+        c = self.cfg
+        biases = c.d_ffn + self.d_model if c.expert_bias and self.procedural is None else 0
+        return c.slots_per_token * (2 * self.d_model * c.d_ffn + biases)
 
     def procedural_param_count(self) -> int:
         """Frozen expert elements computed on demand, never held."""
