@@ -28,7 +28,7 @@ LAYER_SIZES = (65_536, 1_048_576)
 LAYER_COLUMNS = ["impl", "router", "num_experts", "dtype", "ms", "ratio_ms", "share_scoring_topk",
                  "share_weight_generation", "share_expert_compute", "share_rules", "peak_rss_mb"]
 TRAIN_COLUMNS = ["impl", "router", "num_experts", "dtype", "ms", "ratio_ms", "peak_rss_mb", "rss_vs_smallest"]
-TRAIN_SIZES = (1_024, 65_536, 1_048_576)
+TRAIN_SIZES = (1_024, 16_384, 65_536, 262_144, 1_048_576)  # the expert-count sweep's
 REFERENCE = "cpu_some"
 
 

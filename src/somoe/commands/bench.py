@@ -39,7 +39,7 @@ def register(sub) -> None:
     q.add_argument("--presets", default="", help="comma list (default cpu_gpt2,cpu_some,quickstart)")
     q.add_argument("--compile", action="store_true", help="torch.compile every model (compilation is not timed)")
     q.add_argument("--reference", default="cpu_gpt2", help="the preset the other presets' ratio is taken against")
-    _router_arg(q, "cpu_some_pk's training step at N = 1,024, 65,536 and 1,048,576 beside cpu_some's, with peak memory")
+    _router_arg(q, "cpu_some_pk's training step at N = 1,024 ... 1,048,576 (the expert-count sweep's) beside cpu_some's, with peak memory")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every preset, e.g. train.batch_size=8")
     q.set_defaults(func=cmd_train)
 
