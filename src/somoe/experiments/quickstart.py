@@ -156,7 +156,7 @@ def run_quickstart(args) -> int:
     print("\n" + table)
     for preset, text in samples.items():
         print(f"\n--- {preset} sample ---\n{SAMPLE_PROMPT}{text}")
-    print(f"\nvalidation curves (bpb vs tokens): {plot_bpb_curves(run_dirs, presets, out / CURVES_PNG)}")
+    print(f"\nvalidation curves (bpb vs tokens and vs training FLOPs): {plot_bpb_curves(run_dirs, presets, out / CURVES_PNG)}")
     from ..analysis.compute import equal_compute_line
 
     for line in [routing_line(p, s) for p, s in summaries.items()] + [verdict(summaries),
