@@ -301,3 +301,15 @@ def test_route_gives_the_exhaustive_experts_and_the_forwards_gates():
     assert torch.equal(ids.view(6, c.pk_heads, -1), expected)
     tau = c.router_temperature_eval
     assert torch.allclose(gates.view(6, c.pk_heads, -1), torch.softmax(scores / tau, -1), atol=1e-6)
+
+
+def test_large_pool_readouts_by_hand():
+    from somoe.models.ffn.routing_tally import codebook_readouts, coverage_readouts
+
+    r = coverage_readouts(torch.tensor([0, 1, 3, 0]))
+    assert r["coverage"] == 0.5 and r["coverage_slots"] == 4.0
+    assert abs(r["usage_kl_uniform"] - (math.log(4) + 0.25 * math.log(0.25) + 0.75 * math.log(0.75))) < 1e-12
+    assert r["max_violation"] == 3 / 1 - 1  # max load over the mean load (4 slots / 4 experts)
+    c = codebook_readouts(torch.tensor([[1, 1, 1, 1], [4, 0, 0, 0]]))
+    assert c["codebook_gini_max"] == 0.75 and c["codebook_gini_mean"] == 0.375  # (E-1)/E for one taking all
+    assert c["codebook_entropy_norm_mean"] == 0.5
