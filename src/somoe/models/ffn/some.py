@@ -38,7 +38,7 @@ from .some_experts import (DTYPES, ExpertHashMismatch, experts_from_cache_or_gen
                            generate_experts, recipe)
 from .some_frozen import FrozenCompute
 from .some_procedural import ProceduralExperts
-from .some_product import MaskedBatchNorm, codebook_rows, product_topk, selected_scores, subkey_scores
+from .some_product import MaskedBatchNorm, ProductRouting
 from .some_router import cosine_scores
 from .some_update import SAMPLE_SEED_OFFSET, KeyUpdates, from_host
 
@@ -85,7 +85,7 @@ def build_query_net(cfg, d_model: int) -> nn.Module:
 
 
 @register_ffn("some")
-class SoMELayer(KeyUpdates, FFN):
+class SoMELayer(KeyUpdates, ProductRouting, FFN):
     """Self-organizing mixture of frozen experts (``model.ffn: some``, settings in ``model.some``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
@@ -429,105 +429,6 @@ class SoMELayer(KeyUpdates, FFN):
                 if self._gathering():
                     self._accumulate(q_TD, q_raw_TD, idx_TK, gates32_TK, counted_E, weight_T, entropy, live_K)
         return y_TD.view_as(x_BTD), aux
-
-    # --- product-key routing (some_product.py) -------------------------------------------
-    def _forward_product(self, x_BTD: torch.Tensor, valid_BT: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each head's top-k pairs of sub-keys; the ``H k`` slots of a token share one expert pool."""
-        c = self.cfg
-        x_TD = x_BTD.reshape(-1, self.d_model)
-        T, n = x_TD.shape[0], c.subkeys_per_codebook
-        weight_T = None if valid_BT is None else valid_BT.reshape(-1).to(torch.float32)
-        q_TQ, q_raw_TQ, i_THk, j_THk, logits_THk = self._route_product(x_TD, weight_T)
-        gates_THk = torch.softmax(logits_THk.float() / self.temperature(), dim=-1)
-        expert_THk = i_THk * n + j_THk
-        y_TD = self._run_experts(x_TD, expert_THk.view(T, -1), gates_THk.view(T, -1))
-        if self.out_scale is not None:
-            y_TD = y_TD * self.out_scale.to(y_TD.dtype)
-        if not in_recompute():  # a checkpoint recompute has been counted by the first forward
-            with torch.no_grad():
-                g32_THk = gates_THk.detach().float()
-                # per token, the mean over heads of each head's gate entropy (the band's ln(k) bound holds)
-                entropy_T = torch.special.entr(g32_THk).sum(-1).mean(-1)
-                entropy = entropy_T.sum() if weight_T is None else entropy_T @ weight_T
-                tokens = T if weight_T is None else weight_T.sum()
-                rows_TH2k = codebook_rows(i_THk, j_THk, n)
-                self._tally.add_slots(expert_THk, rows_TH2k, weight_T, entropy, tokens)
-                if self.training:  # O(slots): PAD positions route too, and count as routed
-                    for seen in (self.routed_ever, self.routed_since_eval):
-                        seen.index_fill_(0, expert_THk.reshape(-1), True)
-                if self._gathering():
-                    self._accumulate_product(q_TQ, q_raw_TQ, rows_TH2k, g32_THk, weight_T, entropy)
-        return y_TD.view_as(x_BTD), None
-
-    def _route_product(self, x_TD: torch.Tensor, weight_T: torch.Tensor | None):
-        """(query the scores used, raw query, i, j, selected scores over no temperature), in fp32 unless
-        ``router_dtype: autocast`` (as :meth:`_scores`)."""
-        if self.cfg.router_dtype == "autocast":
-            return self._product_router(x_TD, weight_T)
-        with torch.autocast(x_TD.device.type, enabled=False):
-            return self._product_router(x_TD.to(next(self.query.parameters()).dtype), weight_T)
-
-    def _product_router(self, x_TD: torch.Tensor, weight_T: torch.Tensor | None):
-        c = self.cfg
-        q_raw_TQ = q_TQ = fp32_matmul.apply(self.query, x_TD)  # fp32 stays fp32 where TF32 is on
-        if c.center_queries:
-            q_TQ = q_TQ - self.query_center.to(q_TQ.dtype)
-        if self.query_norm is not None:
-            q_TQ = self.query_norm(q_TQ, weight_T, update=not in_recompute())
-        keys_Gnd = self.routing_keys().to(q_TQ.dtype)
-        q_TGd = q_TQ.view(q_TQ.shape[0], keys_Gnd.shape[0], keys_Gnd.shape[-1])
-        cosine = c.cosine_scores
-        with torch.no_grad():  # the full table only selects; the gates' scores are recomputed below
-            table_TGn = subkey_scores(q_TGd.detach(), keys_Gnd, cosine)
-            bias_Gn = self.selection_bias if c.selection_bias_rate > 0 else None
-            i_THk, j_THk, _ = product_topk(table_TGn, c.top_k, bias_Gn)
-        logits_THk = selected_scores(q_TGd, keys_Gnd, i_THk, j_THk, cosine)
-        q_used_TQ = F.normalize(q_TGd, dim=-1).flatten(1) if cosine else q_TQ
-        return q_used_TQ, q_raw_TQ, i_THk, j_THk, logits_THk
-
-    @torch.no_grad()
-    def _accumulate_product(self, q_TQ: torch.Tensor, q_raw_TQ: torch.Tensor, rows_TH2k: torch.Tensor,
-                            g_THk: torch.Tensor, weight_T: torch.Tensor | None, entropy: torch.Tensor) -> None:
-        """Per sub-key (spec: product keys, section 2): the gate-weighted sum of its query halves, its gate
-        mass and its slot count, over every slot whose expert lies in its row (or column)."""
-        with torch.autocast(q_TQ.device.type, enabled=False):
-            q_TQ, q_raw_TQ = q_TQ.detach().float(), q_raw_TQ.detach().float()
-            if self.cfg.update_token_fraction < 1.0:
-                sample = self._token_sample(q_TQ.shape[0], q_TQ.device)
-                q_TQ, q_raw_TQ, rows_TH2k, g_THk = q_TQ[sample], q_raw_TQ[sample], rows_TH2k[sample], g_THk[sample]
-                weight_T = None if weight_T is None else weight_T[sample]
-                entropy = None
-            T, H, _, k = rows_TH2k.shape
-            d = self.key_store.shape[-1]
-            count_TH2k = rows_TH2k.new_ones(rows_TH2k.shape, dtype=torch.float32)
-            if weight_T is not None:  # PAD tokens: zero gates and zero counts
-                g_THk = g_THk * weight_T.view(T, 1, 1)
-                count_TH2k = count_TH2k * weight_T.view(T, 1, 1, 1)
-            g_TH2k = g_THk.unsqueeze(2).expand(T, H, 2, k)
-            rows_S = rows_TH2k.reshape(-1)
-            halves_TH2d = q_TQ.view(T, H, 2, d)
-            self.stat_q_sum.view(-1, d).index_add_(0, rows_S, (g_TH2k.unsqueeze(-1) * halves_TH2d.unsqueeze(3)
-                                                               ).reshape(-1, d))
-            self.stat_gate.view(-1).index_add_(0, rows_S, g_TH2k.reshape(-1))
-            self.stat_count.view(-1).index_add_(0, rows_S, count_TH2k.reshape(-1))
-            self.stat_q_total += q_TQ.sum(0) if weight_T is None else weight_T @ q_TQ
-            if self.cfg.decay and self.cfg.decay_target == "sample":
-                self._draw_query_samples(q_TQ, weight_T)
-            if self.cfg.center_queries:
-                self.stat_q_raw_total += q_raw_TQ.sum(0) if weight_T is None else weight_T @ q_raw_TQ
-            self.stat_tokens += T if weight_T is None else weight_T.sum()
-            if entropy is None:
-                entropy = torch.special.entr(g_THk).sum(-1).mean(-1).sum()
-            self.stat_gate_entropy += entropy
-
-    def _queries_at(self, q_TD: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
-        """The query (or, per codebook, the query half) of token ``rows_R[r]`` for every key row ``r``."""
-        if not self.product:
-            return q_TD[rows_R]
-        G, d = self.key_store.shape[0], self.key_store.shape[-1]
-        book_G1 = torch.arange(G, device=q_TD.device).unsqueeze(1)
-        return q_TD.view(q_TD.shape[0], G, d)[rows_R, book_G1]
 
     def _aux_loss(self, scores_TE: torch.Tensor, counts_E: torch.Tensor,
                   weight_T: torch.Tensor | None = None) -> torch.Tensor:
