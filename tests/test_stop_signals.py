@@ -26,8 +26,11 @@ LONG = ["train.max_steps=100000", "train.eval_every=0"]  # never finishes on its
 
 def start(argv: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": SOMOE_SRC, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # a user's Ctrl-C reaches a process whose SIGINT is at its default: a test run started in the background
+    # (CI, nohup) hands its children SIGINT ignored, and Python then leaves it ignored
     return subprocess.Popen([sys.executable, "-m", "somoe", *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def signal_when_training(proc: subprocess.Popen, run: Path, sig: int, steps: int = 2) -> tuple[str, str]:
