@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from layer_reference import run_both
 from somoe.config import ConfigError, ModelConfig, SoMEConfig
 from somoe.models.ffn.some import SoMELayer
 from somoe.models.ffn.some_product import MaskedBatchNorm, load_balance_step, product_topk, subkey_scores
@@ -147,19 +148,11 @@ def test_product_layer_matches_the_per_token_reference(case, training):
     x = torch.randn(2, 4, 8, generator=gen)
     upstream = torch.randn(2, 4, 8, generator=gen)
 
-    x_layer = x.clone().requires_grad_(True)
-    y_layer, _ = layer(x_layer)
-    (y_layer * upstream).sum().backward()
-    grads_layer = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad(set_to_none=True)
-
-    x_ref = x.clone().requires_grad_(True)
-    y_ref = reference_forward(layer, x_ref.reshape(-1, 8), c, training).view_as(x)
-    (y_ref * upstream).sum().backward()
-    grads_ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    (y_layer, dx_layer, grads_layer), (y_ref, dx_ref, grads_ref) = run_both(
+        layer, lambda rows: reference_forward(layer, rows, c, training), x, upstream)
 
     assert close(y_layer, y_ref)
-    assert close(x_layer.grad, x_ref.grad)
+    assert close(dx_layer, dx_ref)
     assert grads_layer.keys() == grads_ref.keys() and grads_ref
     for name in grads_ref:
         if not (name == "query.2.bias" and c.query_batchnorm):  # BatchNorm removes a constant shift
